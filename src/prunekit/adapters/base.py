@@ -1,0 +1,77 @@
+"""What an architecture adapter says: where the blocks, projections, norms and head layout of a family live.
+
+Nothing outside the adapters names model internals such as `model.layers`. Adding a family is one short file
+that defines an `Adapter` and is listed in `prunekit.adapters.ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The layout of one architecture family.
+
+    blocks: dotted path of the ModuleList of transformer blocks, from the task model (e.g. `model.layers` for
+        LlamaForCausalLM); a bare base model (LlamaModel) is found by dropping leading parts of the path.
+    attention, mlp: projections inside one block, in forward order.
+    norms: normalisation layers inside one block.
+    heads, kv_heads, head_dim: config attributes of the head layout (kv_heads may be absent: then no GQA).
+    shared_inputs: groups of projections that read the same input tensor (q, k, v), so calibration statistics
+        are gathered once per group.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+    norms: tuple[str, ...]
+    heads: str = "num_attention_heads"
+    kv_heads: str | None = "num_key_value_heads"
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        parts = self.blocks.split(".")
+        for skip in range(len(parts)):
+            try:
+                found = model.get_submodule(".".join(parts[skip:]))
+            except AttributeError:
+                continue
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise LookupError(f"no '{self.blocks}' block list in {type(model).__name__}")
+
+    def block_prefix(self, model: nn.Module) -> str:
+        """The dotted name of the block list inside `model`, for naming layers in reports."""
+        blocks = self.block_list(model)
+        return next(name for name, module in model.named_modules() if module is blocks)
+
+    def projections(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The prunable projections of one block, by their name inside the block, in forward order."""
+        return {name: block.get_submodule(name) for name in (*self.attention, *self.mlp)}
+
+    def head_layout(self, config) -> dict[str, int]:
+        heads = getattr(config, self.heads)
+        kv = getattr(config, self.kv_heads, None) if self.kv_heads else None
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return {"heads": heads, "kv_heads": kv or heads, "head_dim": head_dim}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear."""
+    return type(module).__name__ == "Conv1D"
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], a view of the parameter's data."""
+    return module.weight.data.t() if is_conv1d(module) else module.weight.data
+
+
+def set_projection_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write a [out, in] weight back in place, in the module's own layout and dtype."""
+    projection_weight(module).copy_(weight)

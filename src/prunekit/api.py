@@ -1,0 +1,219 @@
+"""The public Python API. The command line (`prunekit.cli`) is a thin layer over these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.adapters import adapter_for, projection_weight
+from prunekit.artifacts import load_pruned, save_pruned
+from prunekit.budget import weight_budget
+from prunekit.corpus import calibration_tokens, evaluation_windows
+from prunekit.errors import PrunekitError
+from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
+from prunekit.measure.protocol import result_record, weights_sha256
+from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
+from prunekit.weights.methods import METHODS, PruneOptions, get_method
+
+ALLOCATIONS = ("uniform", "owl")
+
+__all__ = ["ALLOCATIONS", "METHODS", "evaluate", "load", "prune", "save", "target_weights"]
+
+
+def target_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights one-shot pruning targets: every projection inside the transformer blocks, by full name."""
+    adapter = adapter_for(model)
+    prefix = adapter.block_prefix(model)
+    return {
+        f"{prefix}.{index}.{name}": projection_weight(module)
+        for index, block in enumerate(adapter.block_list(model))
+        for name, module in adapter.projections(block).items()
+    }
+
+
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise PrunekitError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"device '{device}' was requested but CUDA is not available here")
+    return resolved
+
+
+def _model_card(model: nn.Module, source: str | None) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "source": source or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "weights_sha256": weights_sha256(model),
+        "parameters": parameter_counts(model)["total"],
+    }
+
+
+def _perplexity_metrics(model, tokenizer, data, seq_len, windows, batch_size, device, progress):
+    tokens = evaluation_windows(tokenizer, data, seq_len=seq_len, max_windows=windows)
+    result = perplexity(model, tokens.ids, batch_size=batch_size, device=device, progress=progress)
+    return result, tokens.info
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer=None,
+    *,
+    data="wiki-summaries",
+    seq_len: int = 512,
+    windows: int | None = 64,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    model_source: str | None = None,
+) -> dict:
+    """Perplexity of a causal LM on non-overlapping `seq_len` windows of `data` (held-out split for assets).
+
+    `data` is a text asset name, a local file, a list of strings, or a tensor of token ids [windows, seq_len]
+    used as given. Returns a result record with the protocol card.
+    """
+    device = _device(model, device)
+    with ResourceMonitor() as monitor:
+        metrics, info = _perplexity_metrics(model, tokenizer, data, seq_len, windows, batch_size, device, progress)
+    metrics["sparsity"] = sparsity_summary(target_weights(model))["overall"]
+    return result_record(
+        model=_model_card(model, model_source), method={"name": "none"}, calibration=None,
+        evaluation=info, metrics=metrics, resources=monitor.as_dict(),
+    )
+
+
+def prune(
+    model: nn.Module,
+    tokenizer=None,
+    *,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    allocation: str = "uniform",
+    calibration="wiki-summaries",
+    calibration_samples: int = 32,
+    calibration_seq_len: int = 512,
+    seed: int = 0,
+    owl_threshold: float = 5.0,
+    owl_limit: float = 0.08,
+    blocksize: int = 128,
+    damping: float = 0.01,
+    evaluation=None,
+    eval_seq_len: int = 512,
+    eval_windows: int | None = 64,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    model_source: str | None = None,
+) -> dict:
+    """Prune the weights of a causal LM in place, one transformer block at a time, and return the result record.
+
+    method: magnitude, random, wanda or sparsegpt.
+    sparsity: fraction of each targeted weight matrix set to zero, in [0, 1). With an N:M `pattern` it may be
+        omitted (it is 1 - N/M).
+    pattern: 'unstructured' (default) or 'N:M' (keep N of every M consecutive weights along the input dimension).
+    allocation: 'uniform' (every block at `sparsity`) or 'owl' (outlier-weighted per-block sparsities whose
+        mean is `sparsity`; `owl_threshold` is the outlier multiple M, `owl_limit` the largest deviation lambda).
+    calibration: asset name, local file, list of strings, or a tensor of token ids [samples, length] used
+        exactly as given; `calibration_samples` windows of `calibration_seq_len` tokens are drawn with `seed`.
+    evaluation: if given (same forms as calibration), dense and pruned perplexity are measured on it.
+    device: where each block is computed (default: where the model is); activations stay on the CPU when the
+        model lives there.
+    """
+    method_spec = get_method(method)
+    budget = weight_budget(sparsity, pattern)
+    if allocation not in ALLOCATIONS:
+        raise PrunekitError(f"allocation '{allocation}' is unknown; choose one of {', '.join(ALLOCATIONS)}")
+    if allocation == "owl" and budget.pattern.is_nm:
+        raise PrunekitError(f"OWL allocates a different sparsity to each block, but pattern {budget.pattern} fixes "
+                            "every layer at the same sparsity; use an unstructured sparsity with --allocation owl")
+    if blocksize < 1 or not 0 <= damping < 1:
+        raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
+    adapter = adapter_for(model)
+    weights = target_weights(model)
+    for name, weight in weights.items():
+        budget.pattern.check_width(weight.shape[1], name)
+        if not torch.isfinite(weight).all():
+            raise PrunekitError(f"weight '{name}' holds NaN or inf; prunekit will not prune a broken model")
+    compute = _device(model, device)
+    activations = torch.device("cpu") if next(model.parameters()).device.type == "cpu" else compute
+    options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping)
+    needs_calibration = method_spec.statistics is not None or allocation == "owl"
+    calib = None
+    if needs_calibration:
+        calib = calibration_tokens(tokenizer, calibration, samples=calibration_samples,
+                                   seq_len=calibration_seq_len, seed=seed)
+        if calib.ids.max() >= model.get_input_embeddings().num_embeddings:
+            raise PrunekitError("calibration token ids exceed the model's vocabulary: wrong tokenizer?")
+    model_card = _model_card(model, model_source)
+
+    metrics: dict = {}
+    evaluation_info = None
+    if evaluation is not None:
+        metrics["dense"], evaluation_info = _perplexity_metrics(
+            model, tokenizer, evaluation, eval_seq_len, eval_windows, 4, compute, progress)
+
+    was_training = model.training
+    model.eval()
+    plan = BlockPlan([budget.sparsity] * len(adapter.block_list(model)))
+    with ResourceMonitor() as monitor:
+        inputs = None
+        if needs_calibration:
+            inputs = capture_block_inputs(model, adapter.block_list(model), calib.ids, batch_size=batch_size,
+                                          device=compute, activation_device=activations)
+        if allocation == "owl":
+            plan = owl_plan(model, adapter, inputs, sparsity=budget.sparsity, threshold=owl_threshold,
+                            limit=owl_limit, device=compute, progress=progress)
+        prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities, pattern=budget.pattern,
+                           inputs=inputs if method_spec.statistics is not None else None, options=options,
+                           device=compute, progress=progress)
+    model.train(was_training)
+
+    summary = sparsity_summary(target_weights(model))
+    block_of = _block_index_of(model)
+    for name, layer in summary["per_layer"].items():
+        layer["target"] = plan.sparsities[block_of(name)]
+    metrics["sparsity"] = {"target": budget.sparsity, "achieved": summary["overall"],
+                           "zeros": summary["zeros"], "numel": summary["numel"], "per_layer": summary["per_layer"]}
+    metrics["parameters"] = parameter_counts(model)
+    metrics["pruned_weights_sha256"] = weights_sha256(model)
+    if evaluation is not None:
+        metrics["pruned"], _ = _perplexity_metrics(
+            model, tokenizer, evaluation, eval_seq_len, eval_windows, 4, compute, progress)
+
+    method_card = {
+        "name": method_spec.name, "summary": method_spec.summary, "sparsity": budget.sparsity,
+        "pattern": str(budget.pattern), "allocation": allocation, "comparison_group": method_spec.comparison,
+        **options.as_dict(), "batch_size": batch_size,
+    }
+    if allocation == "owl":
+        method_card.update(owl_threshold=owl_threshold, owl_limit=owl_limit,
+                           owl_block_sparsities=plan.sparsities, owl_outlier_ratios=plan.outlier_ratios)
+    return result_record(
+        model=model_card, method=method_card, calibration=calib.info if calib else None,
+        evaluation=evaluation_info, metrics=metrics,
+        resources={"prune": monitor.as_dict(), "device": str(compute), "threads": torch.get_num_threads()},
+    )
+
+
+def _block_index_of(model: nn.Module):
+    prefix = adapter_for(model).block_prefix(model) + "."
+    return lambda name: int(name[len(prefix):].split(".", 1)[0])
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, overwrite: bool = False) -> Path:
+    """Write a Hugging Face model directory (safetensors) with `prunekit.json` beside it, atomically."""
+    return save_pruned(model, tokenizer, out_dir, record, overwrite=overwrite)
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a directory written by `save`: (model, tokenizer, record). Nothing is unpickled."""
+    return load_pruned(path, dtype=dtype, device=device)
+

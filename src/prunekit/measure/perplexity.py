@@ -1,0 +1,97 @@
+"""Causal-LM perplexity over fixed, non-overlapping windows of token ids."""
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from prunekit.errors import PrunekitError
+
+_IGNORE_INDEX = -100
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of `model` on `windows`, an int64 tensor [n_windows, seq_len] of token ids.
+
+    Every token but the first of each window is predicted from the tokens before it in the same window;
+    the mean negative log-likelihood is taken over all predicted tokens, so the result does not depend on
+    `batch_size`. Only one batch of logits exists at a time. The model runs in eval mode (restored after)
+    so that dropout cannot change the number. `device=None` runs on the model's device.
+
+    Returns `{"perplexity", "nll", "tokens", "windows", "seq_len"}`.
+    """
+    if windows.dtype != torch.int64 or windows.dim() != 2:
+        raise PrunekitError(
+            f"windows must be an int64 tensor [n_windows, seq_len], got {windows.dtype} of shape "
+            f"{tuple(windows.shape)}"
+        )
+    n_windows, seq_len = windows.shape
+    if n_windows < 1 or seq_len < 2:
+        raise PrunekitError(
+            f"windows of shape {tuple(windows.shape)} predict no tokens; "
+            "need at least 1 window of length >= 2"
+        )
+    if batch_size < 1:
+        raise PrunekitError(f"batch_size {batch_size} is not a positive integer; use e.g. 4")
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    try:
+        with torch.inference_mode():
+            for start in tqdm(
+                range(0, n_windows, batch_size),
+                desc="perplexity",
+                unit="batch",
+                file=sys.stderr,
+                disable=not progress,
+            ):
+                batch = windows[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                # min and max propagate NaN and reach any inf without a copy the size of the logits
+                lowest, highest = torch.aminmax(logits, dim=-1)
+                finite = (torch.isfinite(lowest) & torch.isfinite(highest)).all(dim=1)
+                if not finite.all():
+                    bad = start + int((~finite).nonzero()[0])
+                    raise PrunekitError(
+                        f"non-finite logits in perplexity window {bad}: the model produces NaN/inf"
+                    )
+                # position t predicts token t+1; the last position predicts nothing and is ignored,
+                # which avoids copying a shifted slice of the logits
+                targets = torch.full_like(batch, _IGNORE_INDEX)
+                targets[:, :-1] = batch[:, 1:]
+                total_nll += F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=_IGNORE_INDEX,
+                    reduction="sum",
+                ).item()
+    finally:
+        model.train(was_training)
+
+    tokens = n_windows * (seq_len - 1)
+    nll = total_nll / tokens
+    return {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "tokens": tokens,
+        "windows": n_windows,
+        "seq_len": seq_len,
+    }

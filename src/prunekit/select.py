@@ -1,0 +1,88 @@
+"""Selection: turn scores into keep-masks under a budget and a pattern.
+
+A selector never knows where its scores came from. Masks are boolean and True means *keep*, as in
+`torch.nn.utils.prune`. Higher scores are more important; the lowest are removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from prunekit.budget import Pattern, check_sparsity
+from prunekit.errors import PrunekitError
+
+COMPARISON_GROUPS = ("layer", "row")
+
+
+def removal_count(total: int, sparsity: float) -> int:
+    """How many of `total` units a sparsity removes, rounded to the nearest whole unit."""
+    return math.floor(total * sparsity + 0.5)
+
+
+def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Remove the lowest-scoring fraction of the whole tensor."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    k = removal_count(scores.numel(), sparsity)
+    if k:
+        keep[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = False
+    return keep.view_as(scores)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Remove the same number of lowest-scoring entries from every row (every output unit)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    k = removal_count(scores.shape[-1], sparsity)
+    if k:
+        keep.scatter_(-1, torch.topk(scores, k, dim=-1, largest=False, sorted=False).indices, False)
+    return keep
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest of every M consecutive entries along the last (input) dimension."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise PrunekitError(f"pattern {n}:{m} needs a width divisible by {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def select_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, comparison: str = "row") -> torch.Tensor:
+    """One entry point: an N:M pattern, or unstructured selection within rows or the whole layer."""
+    if pattern.is_nm:
+        return nm_mask(scores, pattern.n, pattern.m)
+    if comparison == "row":
+        return row_mask(scores, sparsity)
+    if comparison == "layer":
+        return lowest_mask(scores, sparsity)
+    raise PrunekitError(f"comparison group '{comparison}' is unknown; use one of {', '.join(COMPARISON_GROUPS)}")
+
+
+def owl_sparsities(
+    outlier_ratios: Sequence[float], sparsity: float, limit: float, sizes: Sequence[int] | None = None
+) -> list[float]:
+    """Outlier-weighted layer-wise sparsity (OWL, Yin et al. 2024, Sec. 4).
+
+    Layers with a larger share of outlier scores keep more weights: each layer's sparsity is moved by at most
+    `limit` (the paper's lambda) around the target, linearly in its outlier ratio, and the result is centred so
+    that the parameter-weighted mean equals the target sparsity exactly.
+    """
+    ratios = torch.tensor(list(outlier_ratios), dtype=torch.float64)
+    weights = torch.ones_like(ratios) if sizes is None else torch.tensor(list(sizes), dtype=torch.float64)
+    spread = ratios.max() - ratios.min()
+    if len(ratios) < 2 or spread == 0:
+        return [sparsity] * len(ratios)
+    # More outliers -> lower sparsity; mapped onto [-limit, +limit] before centring.
+    offsets = limit - 2 * limit * (ratios - ratios.min()) / spread
+    offsets -= (offsets * weights).sum() / weights.sum()
+    result = (sparsity + offsets).tolist()
+    if min(result) < 0 or max(result) >= 1:
+        raise PrunekitError(
+            f"OWL limit {limit} around sparsity {sparsity} gives layer sparsities from {min(result):.3f} to "
+            f"{max(result):.3f}, outside [0, 1); use a smaller --owl-limit"
+        )
+    return [check_sparsity(s, "OWL layer sparsity") for s in result]

@@ -1,0 +1,1 @@
+"""Weight pruning: scorers, reconstruction kernels and the sequential engine."""

@@ -1,0 +1,21 @@
+"""Shared fixtures. Tests run offline: model and text assets come from installed packages."""
+
+import os
+
+for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_flag, "1")
+
+import pytest  # noqa: E402
+
+from prunekit.assets import LoadedModel, load_causal_lm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """SmolLM2-135M in float32 on the CPU, loaded once per session.
+
+    Uses the user's prunekit cache (`$PRUNEKIT_CACHE` or ~/.cache/prunekit): the first run on a machine
+    converts the GGUF file (~20-30 s), later runs load in under a second. Tests that change the model
+    must work on a `copy.deepcopy` of it.
+    """
+    return load_causal_lm("smollm2-135m")

@@ -1,0 +1,195 @@
+"""The sequential engine and adapters on tiny randomly initialised models of every supported family."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import prunekit
+from prunekit.adapters import adapter_for
+from prunekit.errors import PrunekitError
+from prunekit.measure import nm_violations
+from prunekit.weights.engine import capture_block_inputs, run_block
+
+VOCAB = 128
+
+
+def tiny(family: str) -> nn.Module:
+    common = dict(vocab_size=VOCAB, num_hidden_layers=3, num_attention_heads=4, hidden_size=64)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2),
+        "mistral": lambda: transformers.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2),
+        "qwen2": lambda: transformers.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2),
+        "gemma": lambda: transformers.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=1,
+                                                  head_dim=16),
+        "opt": lambda: transformers.OPTConfig(**common, ffn_dim=128, word_embed_proj_dim=64,
+                                              max_position_embeddings=64),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_layer=3, n_head=4, n_embd=64, n_positions=64),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**common, intermediate_size=128),
+        "phi": lambda: transformers.PhiConfig(**common, intermediate_size=128),
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]())
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "opt", "gpt2", "gpt_neox", "phi"]
+
+
+def calibration(samples=6, length=24, seed=1):
+    return torch.randint(0, VOCAB, (samples, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_reproduces_the_inputs_every_block_sees(family):
+    """The captured inputs run block by block equal what each block receives in a normal forward pass."""
+    model = tiny(family)
+    blocks = adapter_for(model).block_list(model)
+    ids = calibration()
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
+                                           with_kwargs=True) for b in blocks]
+    logits(model, ids)
+    for h in handles:
+        h.remove()
+    inputs = capture_block_inputs(model, blocks, ids, batch_size=ids.shape[0], device=torch.device("cpu"),
+                                  activation_device=torch.device("cpu"))
+    for index, block in enumerate(blocks):
+        torch.testing.assert_close(inputs[0].hidden, seen[index])
+        inputs = run_block(block, inputs, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "random", "wanda", "sparsegpt"])
+def test_exact_unstructured_sparsity_per_layer(family, method):
+    model = tiny(family)
+    record = prunekit.prune(model, method=method, sparsity=0.5, calibration=calibration(), batch_size=4,
+                            progress=False, blocksize=16)
+    per_layer = record["metrics"]["sparsity"]["per_layer"]
+    assert len(per_layer) == 3 * len(adapter_for(model).projections(adapter_for(model).block_list(model)[0]))
+    for name, weight in prunekit.target_weights(model).items():
+        zeros = (weight == 0).sum().item()
+        assert abs(zeros - 0.5 * weight.numel()) <= weight.shape[0], name
+        assert per_layer[name]["zeros"] == zeros
+    assert record["metrics"]["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_every_nm_group_is_valid(family, method, pattern):
+    model = tiny(family)
+    n, m = map(int, pattern.split(":"))
+    prunekit.prune(model, method=method, pattern=pattern, calibration=calibration(), progress=False, blocksize=16)
+    for name, weight in prunekit.target_weights(model).items():
+        assert nm_violations(weight, n, m) == 0, name
+        assert (weight == 0).sum().item() >= weight.numel() * (m - n) // m
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_zero_sparsity_leaves_logits_identical(family, method):
+    model = tiny(family)
+    ids = calibration(seed=5)
+    before = logits(model, ids)
+    record = prunekit.prune(model, method=method, sparsity=0.0, calibration=calibration(), progress=False)
+    assert torch.equal(logits(model, ids), before)
+    assert record["metrics"]["sparsity"]["achieved"] == 0.0
+
+
+def test_runs_are_deterministic_and_random_depends_on_the_seed():
+    hashes = {}
+    for method, seed in [("wanda", 0), ("wanda", 0), ("random", 0), ("random", 0), ("random", 1)]:
+        model = tiny("llama")
+        record = prunekit.prune(model, method=method, sparsity=0.5, calibration=calibration(), seed=seed,
+                                progress=False)
+        hashes.setdefault((method, seed), set()).add(record["metrics"]["pruned_weights_sha256"])
+    assert len(hashes[("wanda", 0)]) == 1 and len(hashes[("random", 0)]) == 1
+    assert hashes[("random", 0)] != hashes[("random", 1)]
+
+
+def test_wanda_and_sparsegpt_use_the_calibration_data():
+    pruned = []
+    for seed in (1, 2):
+        model = tiny("llama")
+        prunekit.prune(model, method="wanda", sparsity=0.5, calibration=calibration(seed=seed), progress=False)
+        pruned.append(prunekit.target_weights(model))
+    assert any(not torch.equal(pruned[0][k] == 0, pruned[1][k] == 0) for k in pruned[0])
+
+
+def test_owl_allocates_per_block_and_meets_the_overall_target():
+    model = tiny("llama")
+    with torch.no_grad():  # give block 1 strong outlier features so OWL has something to find
+        model.model.layers[1].mlp.down_proj.weight[:, :3] *= 50
+    record = prunekit.prune(model, method="wanda", sparsity=0.6, allocation="owl", owl_limit=0.1,
+                            calibration=calibration(), progress=False)
+    block_sparsities = record["method"]["owl_block_sparsities"]
+    assert len(set(block_sparsities)) > 1
+    assert sum(block_sparsities) / 3 == pytest.approx(0.6, abs=1e-9)
+    assert max(block_sparsities) - min(block_sparsities) == pytest.approx(0.2)
+    assert record["metrics"]["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
+    for name, layer in record["metrics"]["sparsity"]["per_layer"].items():
+        assert layer["sparsity"] == pytest.approx(layer["target"], abs=0.02), name
+
+
+def test_owl_with_nm_is_refused():
+    with pytest.raises(PrunekitError, match="OWL"):
+        prunekit.prune(tiny("llama"), method="wanda", pattern="2:4", allocation="owl", calibration=calibration())
+
+
+def test_non_finite_activations_are_reported_and_nothing_is_pruned():
+    model = tiny("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = float("nan")
+    before = {k: v.clone() for k, v in prunekit.target_weights(model).items()}
+    with pytest.raises(PrunekitError, match="non-finite"):
+        prunekit.prune(model, method="wanda", sparsity=0.5, calibration=calibration(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in prunekit.target_weights(model).items())
+
+
+def test_non_finite_weights_are_refused():
+    model = tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(PrunekitError, match="up_proj.*NaN or inf"):
+        prunekit.prune(model, method="magnitude", sparsity=0.5, progress=False)
+
+
+def test_pattern_not_dividing_the_width_is_refused_before_any_change():
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in prunekit.target_weights(model).items()}
+    with pytest.raises(PrunekitError, match="2:5 needs input widths divisible by 5"):
+        prunekit.prune(model, method="wanda", pattern="2:5", calibration=calibration())
+    assert all(torch.equal(before[k], v) for k, v in prunekit.target_weights(model).items())
+
+
+def test_unknown_method_and_allocation():
+    with pytest.raises(PrunekitError, match="unknown method 'obs'.*wanda"):
+        prunekit.prune(tiny("llama"), method="obs", sparsity=0.5)
+    with pytest.raises(PrunekitError, match="allocation 'lamp'"):
+        prunekit.prune(tiny("llama"), method="wanda", sparsity=0.5, allocation="lamp")
+
+
+def test_model_without_supported_blocks():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    with pytest.raises(PrunekitError, match="no supported decoder blocks"):
+        prunekit.prune(transformers.BertForMaskedLM(config), method="magnitude", sparsity=0.5)
+    with pytest.raises(PrunekitError, match="no supported decoder blocks"):
+        prunekit.prune(nn.Sequential(nn.Linear(4, 4)), method="magnitude", sparsity=0.5)
+
+
+def test_base_model_without_head_is_supported():
+    base = tiny("llama").model
+    prunekit.prune(base, method="wanda", sparsity=0.5, calibration=calibration(), progress=False)
+    assert prunekit.target_weights(base)["layers.0.self_attn.q_proj"].eq(0).float().mean() == 0.5
+
+
+def test_calibration_ids_outside_the_vocabulary():
+    with pytest.raises(PrunekitError, match="vocabulary"):
+        prunekit.prune(tiny("llama"), method="wanda", sparsity=0.5, calibration=calibration() + VOCAB)

@@ -1,0 +1,94 @@
+"""Budgets, patterns and selection: exact counts, valid N:M groups, clear errors."""
+
+import pytest
+import torch
+
+from prunekit.budget import Pattern, parse_pattern, weight_budget
+from prunekit.errors import PrunekitError
+from prunekit.measure import nm_violations
+from prunekit.select import lowest_mask, nm_mask, owl_sparsities, row_mask, select_mask
+
+
+@pytest.mark.parametrize("text, n, m", [("2:4", 2, 4), ("4:8", 4, 8), (" 1 : 3 ", 1, 3)])
+def test_parse_nm(text, n, m):
+    assert parse_pattern(text) == Pattern(n, m)
+
+
+@pytest.mark.parametrize("text", ["4:2", "0:4", "4:4", "2-4", "a:b", "2:4:8"])
+def test_parse_rejects_malformed_or_impossible(text):
+    with pytest.raises(PrunekitError, match="pattern"):
+        parse_pattern(text)
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan"), float("inf"), "half"])
+def test_sparsity_outside_unit_interval_is_refused(sparsity):
+    with pytest.raises(PrunekitError, match="sparsity"):
+        weight_budget(sparsity)
+
+
+def test_nm_fixes_sparsity_and_refuses_contradiction():
+    assert weight_budget(None, "2:4").sparsity == 0.5
+    assert weight_budget(0.5, "2:4").sparsity == 0.5
+    with pytest.raises(PrunekitError, match="contradicts"):
+        weight_budget(0.7, "2:4")
+    with pytest.raises(PrunekitError, match="no budget"):
+        weight_budget(None, None)
+
+
+def test_width_not_divisible_by_m():
+    with pytest.raises(PrunekitError, match="divisible by 5.*width 64"):
+        Pattern(2, 5).check_width(64, "layer")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.73, 0.99])
+def test_row_mask_removes_exactly_the_same_count_per_row(sparsity):
+    scores = torch.rand(17, 100, generator=torch.Generator().manual_seed(0))
+    keep = row_mask(scores, sparsity)
+    removed = (~keep).sum(1)
+    assert (removed == round(100 * sparsity)).all()
+    # the removed entries are the lowest of their row
+    for r in range(17):
+        if removed[r]:
+            assert scores[r][~keep[r]].max() <= scores[r][keep[r]].min()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_layer_mask_exact_and_lowest(sparsity):
+    scores = torch.randn(33, 64, generator=torch.Generator().manual_seed(1))
+    keep = lowest_mask(scores, sparsity)
+    assert (~keep).sum().item() == round(33 * 64 * sparsity)
+    if sparsity:
+        assert scores[~keep].max() <= scores[keep].min()
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4), (3, 5)])
+def test_nm_mask_groups_are_valid_and_keep_the_largest(n, m):
+    scores = torch.rand(12, m * 7, generator=torch.Generator().manual_seed(2))
+    keep = nm_mask(scores, n, m)
+    groups = keep.reshape(12, 7, m)
+    assert (groups.sum(-1) == n).all()
+    assert nm_violations(keep.float(), n, m) == 0
+    s = scores.reshape(12, 7, m)
+    assert (s.masked_fill(~groups, float("inf")).amin(-1) >= s.masked_fill(groups, -1).amax(-1)).all()
+
+
+def test_select_mask_dispatch():
+    scores = torch.rand(8, 16)
+    assert torch.equal(select_mask(scores, 0.5, Pattern(2, 4)), nm_mask(scores, 2, 4))
+    assert torch.equal(select_mask(scores, 0.5, Pattern(), "row"), row_mask(scores, 0.5))
+    assert torch.equal(select_mask(scores, 0.5, Pattern(), "layer"), lowest_mask(scores, 0.5))
+    with pytest.raises(PrunekitError, match="comparison group"):
+        select_mask(scores, 0.5, Pattern(), "column")
+
+
+def test_owl_sparsities_keep_the_mean_and_favour_outlier_layers():
+    ratios = [0.01, 0.05, 0.02, 0.10]
+    result = owl_sparsities(ratios, 0.5, 0.08)
+    assert sum(result) / 4 == pytest.approx(0.5, abs=1e-12)
+    assert max(result) - min(result) == pytest.approx(0.16)
+    assert result[3] == min(result) and result[0] == max(result)  # most outliers -> least pruned
+    sized = owl_sparsities(ratios, 0.5, 0.08, sizes=[1, 2, 3, 4])
+    assert sum(s * w for s, w in zip(sized, [1, 2, 3, 4], strict=True)) / 10 == pytest.approx(0.5, abs=1e-12)
+    assert owl_sparsities([0.1, 0.1], 0.5, 0.08) == [0.5, 0.5]
+    with pytest.raises(PrunekitError, match="owl-limit"):
+        owl_sparsities(ratios, 0.95, 0.08)
