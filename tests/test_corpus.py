@@ -273,6 +273,11 @@ def test_evaluation_windows_follow_document_order_and_drop_the_tail():
     assert token_set.info["seed"] is None and token_set.info["split"] is None
 
 
+def test_empty_documents_still_get_their_separator():
+    token_set = evaluation_windows(CharTokenizer(), ["", "ab", "", "cd"], seq_len=10)
+    assert token_set.ids.tolist() == [chars("\n\nab\n\n\n\ncd")]
+
+
 def test_max_windows_keeps_the_first_windows():
     every = evaluation_windows(CharTokenizer(), DOCS, seq_len=5)
     first = evaluation_windows(CharTokenizer(), DOCS, seq_len=5, max_windows=3)

@@ -9,17 +9,17 @@ from torch import nn
 
 from prunekit.adapters import adapter_for, projection_weight
 from prunekit.artifacts import load_pruned, save_pruned
-from prunekit.budget import weight_budget
+from prunekit.budget import WeightBudget, weight_budget
 from prunekit.corpus import calibration_tokens, evaluation_windows
 from prunekit.errors import PrunekitError
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
 from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
-from prunekit.weights.methods import METHODS, PruneOptions, get_method
+from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
 
 ALLOCATIONS = ("uniform", "owl")
 
-__all__ = ["ALLOCATIONS", "METHODS", "evaluate", "load", "prune", "save", "target_weights"]
+__all__ = ["ALLOCATIONS", "METHODS", "check_prune_options", "evaluate", "load", "prune", "save", "target_weights"]
 
 
 def target_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,6 +89,23 @@ def evaluate(
     )
 
 
+def check_prune_options(
+    method: str, sparsity: float | None, pattern: str | None, allocation: str, blocksize: int = 128,
+    damping: float = 0.01,
+) -> tuple[WeightMethod, WeightBudget]:
+    """Validate the model-independent options of `prune`, so that callers can fail before loading a model."""
+    method_spec = get_method(method)
+    budget = weight_budget(sparsity, pattern)
+    if allocation not in ALLOCATIONS:
+        raise PrunekitError(f"allocation '{allocation}' is unknown; choose one of {', '.join(ALLOCATIONS)}")
+    if allocation == "owl" and budget.pattern.is_nm:
+        raise PrunekitError(f"OWL allocates a different sparsity to each block, but pattern {budget.pattern} fixes "
+                            "every layer at the same sparsity; use an unstructured sparsity with --allocation owl")
+    if blocksize < 1 or not 0 <= damping < 1:
+        raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
+    return method_spec, budget
+
+
 def prune(
     model: nn.Module,
     tokenizer=None,
@@ -127,15 +144,7 @@ def prune(
     device: where each block is computed (default: where the model is); activations stay on the CPU when the
         model lives there.
     """
-    method_spec = get_method(method)
-    budget = weight_budget(sparsity, pattern)
-    if allocation not in ALLOCATIONS:
-        raise PrunekitError(f"allocation '{allocation}' is unknown; choose one of {', '.join(ALLOCATIONS)}")
-    if allocation == "owl" and budget.pattern.is_nm:
-        raise PrunekitError(f"OWL allocates a different sparsity to each block, but pattern {budget.pattern} fixes "
-                            "every layer at the same sparsity; use an unstructured sparsity with --allocation owl")
-    if blocksize < 1 or not 0 <= damping < 1:
-        raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
+    method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping)
     adapter = adapter_for(model)
     weights = target_weights(model)
     for name, weight in weights.items():

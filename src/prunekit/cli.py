@@ -79,6 +79,7 @@ def _windows(n: int) -> int | None:
 
 def _run(args: argparse.Namespace) -> dict:
     import torch
+    import transformers
 
     from prunekit.assets import load_causal_lm
 
@@ -87,9 +88,13 @@ def _run(args: argparse.Namespace) -> dict:
             raise PrunekitError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
     progress = not args.quiet
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     if args.verb == "prune":
         out = Path(args.out)
         _check_out(out, args.model, args.overwrite)
+        api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation, args.blocksize,
+                                args.damping)
         loaded = load_causal_lm(args.model)
         record = api.prune(
             loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,

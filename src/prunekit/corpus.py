@@ -178,16 +178,14 @@ def _read_table(path: Path, text_field: str) -> list[str]:
     column = table.column(text_field)
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise PrunekitError(f"column {text_field!r} of '{path}' holds {column.type}, not text")
-    return [text or "" for text in column.to_pylist()]
+    return [text or "" for text in column.to_pylist()]  # a missing value (null) is an empty document
 
 
-def _describe(source: object) -> str:
+def _describe(source: TextSource) -> str:
     """The source as the protocol card names it."""
     if isinstance(source, str | os.PathLike):
         return os.fspath(source)
-    if isinstance(source, torch.Tensor):
-        return "tensor"
-    return f"{len(source)} texts given in memory"  # type: ignore[arg-type]
+    return f"{len(source)} texts given in memory"
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -207,18 +205,20 @@ def _token_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str], 
     """Token ids of `documents` joined by the separator, stopping once at least `needed` ids exist."""
     separator = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
     stream: list[int] = []
+    first = True
     for batch in _batches(documents):
         # verbose=False: whole documents may exceed model_max_length, which is no problem here.
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            if stream:
+            if not first:
                 stream.extend(separator)
             stream.extend(ids)
+            first = False
         if needed is not None and len(stream) >= needed:
             break
     return stream
 
 
-def _check_positive(name: str, value: object, minimum: int) -> None:
+def _check_at_least(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise PrunekitError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -264,9 +264,9 @@ def calibration_tokens(
     """
     if isinstance(source, torch.Tensor):
         return _given_tensor(tokenizer, source)
-    _check_positive("samples", samples, 1)
-    _check_positive("seq_len", seq_len, 2)
-    _check_positive("seed", seed, 0)
+    _check_at_least("samples", samples, 1)
+    _check_at_least("seq_len", seq_len, 2)
+    _check_at_least("seed", seed, 0)
     documents = load_texts(source, split=split)
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
@@ -306,9 +306,9 @@ def evaluation_windows(
         samples, length = token_set.ids.shape
         token_set.info.update(windowing="given", windows=samples, tokens=samples * length)
         return token_set
-    _check_positive("seq_len", seq_len, 2)
+    _check_at_least("seq_len", seq_len, 2)
     if max_windows is not None:
-        _check_positive("max_windows", max_windows, 1)
+        _check_at_least("max_windows", max_windows, 1)
     documents = load_texts(source, split=split)
     needed = None if max_windows is None else max_windows * seq_len
     stream = _token_stream(tokenizer, documents, needed)

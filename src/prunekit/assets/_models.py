@@ -82,6 +82,7 @@ def _cached(name: str, build: Callable[[Path], None]) -> Path:
     try:
         logger.info("converting model asset %s into %s (once; later loads read the cache)", name, target)
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary readable files
         try:
             tmp.rename(target)
         except OSError:

@@ -1,0 +1,179 @@
+"""Benchmark: one-shot weight pruning of SmolLM2-135M (issue 2).
+
+Protocol: calibration 32 x 512 tokens from the train split of `wiki-summaries` (seed 0); perplexity on the first
+`--eval-windows` non-overlapping 512-token windows of its held-out split; 2 CPU threads. Each configuration runs in
+a fresh process, so that its peak memory is its own. The pruning time is reported as a ratio to one dense forward
+pass (with the LM head) over the same calibration set, measured in the same benchmark run.
+
+    .venv/bin/python bench/llm_oneshot.py            # all configurations, ~40 min on 2 cores
+    .venv/bin/python bench/llm_oneshot.py --only wanda:0.5 sparsegpt:2:4
+
+Writes bench/results/llm_oneshot.json, bench/results/llm_oneshot.png and the table in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CONFIGS = [
+    (method, allocation, budget)
+    for budget in ("0.5", "2:4", "4:8")
+    for method, allocation in (("magnitude", "uniform"), ("wanda", "uniform"), ("sparsegpt", "uniform"),
+                               ("wanda", "owl"), ("sparsegpt", "owl"))
+    if not (allocation == "owl" and ":" in budget)
+]
+
+
+def _name(method: str, allocation: str, budget: str) -> str:
+    return f"{method}{'+owl' if allocation == 'owl' else ''}:{budget}"
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One configuration in this process: load, (dense forward timing), prune, evaluate."""
+    import torch
+
+    import prunekit
+    from prunekit.assets import load_causal_lm
+    from prunekit.corpus import calibration_tokens
+    from prunekit.measure import ResourceMonitor
+
+    torch.set_num_threads(args.threads)
+    loaded = load_causal_lm("smollm2-135m")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    common = dict(calibration="wiki-summaries", calibration_samples=32, calibration_seq_len=512, seed=0,
+                  batch_size=8, progress=False, model_source="smollm2-135m")
+    if args.one == "dense":
+        calib = calibration_tokens(tokenizer, "wiki-summaries", samples=32, seq_len=512, seed=0)
+        with torch.inference_mode(), ResourceMonitor() as forward:
+            for batch in calib.ids.split(8):
+                model(input_ids=batch, use_cache=False)
+        record = prunekit.evaluate(model, tokenizer, data="wiki-summaries", seq_len=512, windows=args.eval_windows,
+                                   progress=False, model_source="smollm2-135m")
+        record["dense_forward_s"] = forward.wall_s
+        return record
+    method, allocation, budget = args.one.split(":", 2)
+    pattern = budget if ":" in budget else None
+    sparsity = None if pattern else float(budget)
+    record = prunekit.prune(model, tokenizer, method=method, sparsity=sparsity, pattern=pattern,
+                            allocation=allocation, **common)
+    pruned = prunekit.evaluate(model, tokenizer, data="wiki-summaries", seq_len=512, windows=args.eval_windows,
+                               progress=False)
+    record["metrics"]["pruned"] = pruned["metrics"]
+    record["evaluation"] = pruned["evaluation"]
+    return record
+
+
+def _table(rows: list[dict], dense: dict) -> str:
+    forward_s = dense["dense_forward_s"]
+    lines = [
+        "| method | pattern | perplexity | pruning s | × dense forward | peak memory MB | achieved sparsity |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| dense | — | {dense['metrics']['perplexity']:.2f} | — | 1.00 ({forward_s:.1f} s) | — | "
+        f"{dense['metrics']['sparsity']:.4f} |",
+    ]
+    for row in rows:
+        prune = row["resources"]["prune"]
+        method = row["method"]["name"] + ("+OWL" if row["method"]["allocation"] == "owl" else "")
+        lines.append(
+            f"| {method} | {row['method']['pattern'] if ':' in row['method']['pattern'] else '50% unstructured'} | "
+            f"{row['metrics']['pruned']['perplexity']:.2f} | {prune['wall_s']:.1f} | "
+            f"{prune['wall_s'] / forward_s:.2f} | {prune['peak_rss_mb']:.0f} | "
+            f"{row['metrics']['sparsity']['achieved']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], dense: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = ["unstructured", "2:4", "4:8"]
+    methods = sorted({r["method"]["name"] + ("+OWL" if r["method"]["allocation"] == "owl" else "") for r in rows},
+                     key=lambda m: ["magnitude", "wanda", "sparsegpt", "wanda+OWL", "sparsegpt+OWL"].index(m))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = []
+        for budget in budgets:
+            match = [r["metrics"]["pruned"]["perplexity"] for r in rows
+                     if r["method"]["name"] + ("+OWL" if r["method"]["allocation"] == "owl" else "") == method
+                     and r["method"]["pattern"] == budget]
+            values.append(match[0] if match else float("nan"))
+        ax.bar([b + i * width for b in range(len(budgets))], values, width, label=method)
+    ax.axhline(dense["metrics"]["perplexity"], color="black", linestyle="--", label="dense")
+    ax.set_xticks([b + width * (len(methods) - 1) / 2 for b in range(len(budgets))],
+                  ["50% unstructured", "2:4", "4:8"])
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("SmolLM2-135M, wiki-summaries held-out, 512-token windows")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _write_benchmarks(table: str, meta: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    begin, end = "<!-- llm_oneshot:begin -->", "<!-- llm_oneshot:end -->"
+    block = f"{begin}\n{meta}\n\n{table}\n{end}"
+    text = path.read_text() if path.exists() else "# prunekit benchmarks\n"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", help="configurations such as wanda:0.5, sparsegpt+owl:0.5, magnitude:2:4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    configs = [c for c in CONFIGS if not args.only or _name(*c) in args.only]
+
+    def child(one: str) -> dict:
+        cmd = [sys.executable, __file__, "--one", one, "--threads", str(args.threads),
+               "--eval-windows", str(args.eval_windows)]
+        start = time.perf_counter()
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        print(f"{one}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        return json.loads(out.strip().splitlines()[-1])
+
+    dense = child("dense")
+    rows = [child(f"{m}:{a}:{b}") for m, a, b in configs]
+    (RESULTS / "llm_oneshot.json").write_text(json.dumps({"dense": dense, "runs": rows}, indent=1))
+    _plot(rows, dense, RESULTS / "llm_oneshot.png")
+    env_card = dense["environment"]
+    meta = (
+        f"SmolLM2-135M (`smollm2-135m`), calibration 32 × 512 tokens of the `wiki-summaries` train split (seed 0), "
+        f"perplexity on the first {dense['evaluation']['windows']} non-overlapping 512-token windows of its held-out "
+        f"split ({dense['metrics']['tokens']:,} predicted tokens). {args.threads} threads on "
+        f"{platform.processor() or platform.machine()} ({env_card.get('cpu_count')} cores), torch "
+        f"{env_card['torch']}, transformers {env_card['transformers']}. Each row is a fresh process; peak memory is "
+        "its resident set while pruning (model included). Regenerate: `.venv/bin/python bench/llm_oneshot.py`.\n\n"
+        "![perplexity by method](bench/results/llm_oneshot.png)"
+    )
+    _write_benchmarks(_table(rows, dense), meta)
+    print(_table(rows, dense))
+
+
+if __name__ == "__main__":
+    main()
