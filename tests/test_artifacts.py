@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prunekit.artifacts import MANIFEST, atomic_directory, load_pruned, save_pruned
 from prunekit.errors import PrunekitError
+from tiny_models import tiny_causal_lm
 
 VOCAB = 256
 RECORD = {
@@ -18,18 +19,8 @@ RECORD = {
 }
 
 
-def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+    return tiny_causal_lm("llama", vocab=VOCAB, layers=2, seed=seed, tie=tie)
 
 
 def letter_tokenizer() -> PreTrainedTokenizerFast:

@@ -10,30 +10,15 @@ from prunekit.adapters import adapter_for
 from prunekit.errors import PrunekitError
 from prunekit.measure import nm_violations
 from prunekit.weights.engine import capture_block_inputs, run_block
+from tiny_models import FAMILIES, tiny_causal_lm
 
 VOCAB = 128
 
 
 def tiny(family: str) -> nn.Module:
-    common = dict(vocab_size=VOCAB, num_hidden_layers=3, num_attention_heads=4, hidden_size=64)
-    configs = {
-        "llama": lambda: transformers.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2),
-        "mistral": lambda: transformers.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2),
-        "qwen2": lambda: transformers.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2),
-        "gemma": lambda: transformers.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=1,
-                                                  head_dim=16),
-        "opt": lambda: transformers.OPTConfig(**common, ffn_dim=128, word_embed_proj_dim=64,
-                                              max_position_embeddings=64),
-        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_layer=3, n_head=4, n_embd=64, n_positions=64),
-        "gpt_neox": lambda: transformers.GPTNeoXConfig(**common, intermediate_size=128),
-        "phi": lambda: transformers.PhiConfig(**common, intermediate_size=128),
-    }
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(configs[family]())
-    return model.eval()
+    return tiny_causal_lm(family, vocab=VOCAB)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "opt", "gpt2", "gpt_neox", "phi"]
 
 
 def calibration(samples=6, length=24, seed=1):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
 from prunekit.measure import (
@@ -22,22 +22,13 @@ from prunekit.measure import (
     weights_sha256,
 )
 from prunekit.measure import resources as resources_module
+from tiny_models import tiny_causal_lm
 
 VOCAB = 256
 
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("llama", vocab=VOCAB, layers=2, seed=seed, tie=tie)
 
 
 class FixedLogits(nn.Module):
