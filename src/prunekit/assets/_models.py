@@ -3,8 +3,6 @@
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from prunekit.artifacts import atomic_directory
 from prunekit.assets._packages import package_dir
 from prunekit.errors import PrunekitError
 
@@ -69,28 +68,20 @@ def _convert_smollm2(out_dir: Path) -> None:
 def _cached(name: str, build: Callable[[Path], None]) -> Path:
     """`cache_dir()/models/<name>`, made by `build(tmp)` on first use.
 
-    `build` writes into a fresh temporary directory beside the target, which is renamed into place only
-    when complete. The rename is atomic, so the target either does not exist or is whole: an interrupted
-    or failed build leaves nothing that a later load could pick up, and when two processes convert at
-    once the first rename wins and the other's copy is discarded.
+    `build` writes into a temporary directory that is renamed into place only when complete (see
+    `atomic_directory`), so an interrupted or failed build leaves nothing that a later load could pick up. When
+    two processes convert at once, the first to finish wins and the other's copy is discarded.
     """
     target = cache_dir() / "models" / name
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    logger.info("converting model asset %s into %s (once; later loads read the cache)", name, target)
     try:
-        logger.info("converting model asset %s into %s (once; later loads read the cache)", name, target)
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary readable files
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with atomic_directory(target, overwrite=False) as tmp:
+            build(tmp)
+    except (PrunekitError, OSError):
+        if not target.is_dir():  # not a lost race: a real failure
+            raise
     return target
 
 
