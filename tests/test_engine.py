@@ -178,3 +178,10 @@ def test_base_model_without_head_is_supported():
 def test_calibration_ids_outside_the_vocabulary():
     with pytest.raises(PrunekitError, match="vocabulary"):
         prunekit.prune(tiny("llama"), method="wanda", sparsity=0.5, calibration=calibration() + VOCAB)
+
+
+def test_text_calibration_without_a_tokenizer():
+    with pytest.raises(PrunekitError, match="calibration from text needs a tokenizer"):
+        prunekit.prune(tiny("llama"), method="wanda", sparsity=0.5, calibration="wiki-summaries")
+    with pytest.raises(PrunekitError, match="evaluation from text needs a tokenizer"):
+        prunekit.evaluate(tiny("llama"), data="wiki-summaries")

@@ -56,7 +56,13 @@ def _model_card(model: nn.Module, source: str | None) -> dict:
     }
 
 
+def _check_tokenizer(tokenizer, source, what: str) -> None:
+    if tokenizer is None and not isinstance(source, torch.Tensor):
+        raise PrunekitError(f"{what} from text needs a tokenizer; pass tokenizer= or a tensor of token ids")
+
+
 def _perplexity_metrics(model, tokenizer, data, seq_len, windows, batch_size, device, progress):
+    _check_tokenizer(tokenizer, data, "evaluation")
     tokens = evaluation_windows(tokenizer, data, seq_len=seq_len, max_windows=windows)
     result = perplexity(model, tokens.ids, batch_size=batch_size, device=device, progress=progress)
     return result, tokens.info
@@ -157,6 +163,7 @@ def prune(
     needs_calibration = method_spec.statistics is not None or allocation == "owl"
     calib = None
     if needs_calibration:
+        _check_tokenizer(tokenizer, calibration, "calibration")
         calib = calibration_tokens(tokenizer, calibration, samples=calibration_samples,
                                    seq_len=calibration_seq_len, seed=seed)
         if calib.ids.max() >= model.get_input_embeddings().num_embeddings:
