@@ -36,6 +36,16 @@ def test_input_stats_match_direct_computation():
     torch.testing.assert_close(stats.hessian, x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-3)
 
 
+def test_hessian_from_symmetric_strips_equals_the_full_gram_matrix():
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float()
+    stats = InputStats(1000, hessian=True)
+    stats.add(x[:120])
+    stats.add(x[120:])
+    hessian = stats.hessian
+    torch.testing.assert_close(hessian, x.t() @ x / 300, rtol=1e-4, atol=1e-4)
+    assert torch.equal(hessian, hessian.t())
+
+
 def _stats(x):
     stats = InputStats(x.shape[1], hessian=True)
     stats.add(x)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+_GRAM_STRIP = 384  # columns per strip of the X^T X update; measured best on 2 cores for widths 576 and 1536
+
 
 class InputStats:
     """Running statistics of the inputs X ([tokens, features]) of one projection or input group.
@@ -22,7 +24,11 @@ class InputStats:
         self.tokens += x.shape[0]
         self.square_sum += x.square().sum(0, dtype=torch.float64)
         if self.gram is not None:
-            self.gram.addmm_(x.t(), x)
+            # X^T X is symmetric: accumulate only strips on and above the diagonal (about 40% fewer FLOPs for a
+            # 1536-wide input) and mirror them when the Hessian is read.
+            for start in range(0, x.shape[1], _GRAM_STRIP):
+                strip = x[:, start:start + _GRAM_STRIP]
+                self.gram[start:start + _GRAM_STRIP, start:].addmm_(strip.t(), x[:, start:])
 
     @property
     def norms(self) -> torch.Tensor:
@@ -32,4 +38,5 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         if self.gram is None:
             raise RuntimeError("these statistics were gathered without the Hessian")
-        return self.gram / max(self.tokens, 1)
+        upper = self.gram.triu()
+        return (upper + upper.triu(1).t()) / max(self.tokens, 1)
