@@ -185,3 +185,18 @@ def test_text_calibration_without_a_tokenizer():
         prunekit.prune(tiny("llama"), method="wanda", sparsity=0.5, calibration="wiki-summaries")
     with pytest.raises(PrunekitError, match="evaluation from text needs a tokenizer"):
         prunekit.evaluate(tiny("llama"), data="wiki-summaries")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_statistics_do_not_depend_on_batching(family, method):
+    """Batches after the first stop at the last projection input; one big batch never does: same weights."""
+    pruned = []
+    for batch_size in (1, 6):
+        model = tiny(family)
+        prunekit.prune(model, method=method, sparsity=0.5, calibration=calibration(), batch_size=batch_size,
+                       progress=False)
+        pruned.append(prunekit.target_weights(model))
+    for name, weight in pruned[0].items():
+        assert torch.equal(weight == 0, pruned[1][name] == 0), name
+        torch.testing.assert_close(weight, pruned[1][name], rtol=1e-4, atol=1e-5)

@@ -179,16 +179,19 @@ def prune(
     was_training = model.training
     model.eval()
     plan = BlockPlan([budget.sparsity] * len(adapter.block_list(model)))
+
+    def block_inputs():
+        # Captured afresh for each pass (only the embeddings run) and never held here, so that the engine can
+        # free each block's activations as soon as the next block's exist.
+        return capture_block_inputs(model, adapter.block_list(model), calib.ids, batch_size=batch_size,
+                                    device=compute, activation_device=activations)
+
     with ResourceMonitor() as monitor:
-        inputs = None
-        if needs_calibration:
-            inputs = capture_block_inputs(model, adapter.block_list(model), calib.ids, batch_size=batch_size,
-                                          device=compute, activation_device=activations)
         if allocation == "owl":
-            plan = owl_plan(model, adapter, inputs, sparsity=budget.sparsity, threshold=owl_threshold,
+            plan = owl_plan(model, adapter, block_inputs(), sparsity=budget.sparsity, threshold=owl_threshold,
                             limit=owl_limit, device=compute, progress=progress)
         prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities, pattern=budget.pattern,
-                           inputs=inputs if method_spec.statistics is not None else None, options=options,
+                           inputs=block_inputs() if method_spec.statistics is not None else None, options=options,
                            device=compute, progress=progress)
     model.train(was_training)
 

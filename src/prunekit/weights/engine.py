@@ -97,15 +97,20 @@ def capture_block_inputs(
     return captured
 
 
+def _forward(block: nn.Module, item: BlockInput, device: torch.device) -> torch.Tensor:
+    out = block(item.hidden.to(device), *_to(item.args, device), **_to(item.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device) -> list[BlockInput]:
     """Forward every calibration batch through one block; outputs stay where the inputs were."""
-    outputs = []
     with torch.inference_mode():
-        for item in inputs:
-            out = block(item.hidden.to(device), *_to(item.args, device), **_to(item.kwargs, device))
-            out = out[0] if isinstance(out, tuple) else out
-            outputs.append(BlockInput(out.to(item.hidden.device), item.args, item.kwargs))
-    return outputs
+        return [BlockInput(_forward(block, item, device).to(item.hidden.device), item.args, item.kwargs)
+                for item in inputs]
+
+
+class _LastInputRecorded(Exception):
+    """Raised once the last projection input of a batch is recorded: the rest of the block is not needed."""
 
 
 class InputGroups:
@@ -123,6 +128,26 @@ class InputGroups:
         }
         self._handles = []
         self._leader_input: dict[tuple[str, ...], torch.Tensor] = {}
+        self._arrival: list[tuple[str, ...]] = []  # groups in the order their inputs arrive, learnt on one batch
+        self._stop_at: tuple[str, ...] | None = None
+
+    def calibrate(self, block: nn.Module, inputs: list[BlockInput], device: torch.device) -> None:
+        """Record the inputs of every projection for all calibration batches, discarding the block's outputs.
+
+        The first batch runs the whole block and shows which projection input arrives last; later batches stop
+        there, which skips the last projection's own product (the MLP down projection: a quarter of the work).
+        """
+        self._arrival.clear()
+        self._stop_at = None
+        with self.recording(), torch.inference_mode():
+            for item in inputs:
+                with contextlib.suppress(_LastInputRecorded):
+                    _forward(block, item, device)
+                self._stop_at = self._stop_at or self._arrival[-1]
+        tokens = sum(item.hidden.shape[:-1].numel() for item in inputs)
+        for group, stats in self.stats.items():
+            if stats.tokens != tokens:
+                raise RuntimeError(f"adapter error: '{group[0]}' saw {stats.tokens} calibration tokens, not {tokens}")
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -142,6 +167,10 @@ class InputGroups:
         def hook(module, args):
             self._leader_input[group] = args[0]
             self.stats[group].add(args[0])
+            if self._stop_at is None:
+                self._arrival.append(group)
+            elif group == self._stop_at:
+                raise _LastInputRecorded
 
         return hook
 
@@ -203,8 +232,7 @@ def prune_sequentially(
         # sparsity 0 is a no-op: SparseGPT would otherwise still zero the weights of inputs that never fire
         active = pattern.is_nm or sparsities[index] > 0
         if method.statistics is not None and active:
-            with groups.recording():
-                run_block(block, inputs, device)
+            groups.calibrate(block, inputs, device)
         for ordinal, group in enumerate(groups.groups if active else ()):
             modules = [groups.projections[name] for name in group]
             generator = torch.Generator(device=device).manual_seed(options.seed * 1_000_003 + index * 1009 + ordinal)
