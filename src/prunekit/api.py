@@ -149,6 +149,9 @@ def prune(
     evaluation: if given (same forms as calibration), dense and pruned perplexity are measured on it.
     device: where each block is computed (default: where the model is); activations stay on the CPU when the
         model lives there.
+
+    Every option is checked before any weight changes. An error found while pruning (non-finite activations
+    in a later block) leaves the blocks before it pruned: reload the model before retrying.
     """
     method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping)
     adapter = adapter_for(model)
@@ -186,19 +189,21 @@ def prune(
         return capture_block_inputs(model, adapter.block_list(model), calib.ids, batch_size=batch_size,
                                     device=compute, activation_device=activations)
 
-    with ResourceMonitor() as monitor:
-        if allocation == "owl":
-            plan = owl_plan(model, adapter, block_inputs(), sparsity=budget.sparsity, threshold=owl_threshold,
-                            limit=owl_limit, device=compute, progress=progress)
-        prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities, pattern=budget.pattern,
-                           inputs=block_inputs() if method_spec.statistics is not None else None, options=options,
-                           device=compute, progress=progress)
-    model.train(was_training)
+    try:
+        with ResourceMonitor() as monitor:
+            if allocation == "owl":
+                plan = owl_plan(model, adapter, block_inputs(), sparsity=budget.sparsity, threshold=owl_threshold,
+                                limit=owl_limit, device=compute, progress=progress)
+            prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities, pattern=budget.pattern,
+                               inputs=block_inputs() if method_spec.statistics is not None else None,
+                               options=options, device=compute, progress=progress)
+    finally:
+        model.train(was_training)
 
     summary = sparsity_summary(target_weights(model))
-    block_of = _block_index_of(model)
+    prefix = adapter.block_prefix(model) + "."
     for name, layer in summary["per_layer"].items():
-        layer["target"] = plan.sparsities[block_of(name)]
+        layer["target"] = plan.sparsities[int(name[len(prefix):].split(".", 1)[0])]
     metrics["sparsity"] = {"target": budget.sparsity, "achieved": summary["overall"],
                            "zeros": summary["zeros"], "numel": summary["numel"], "per_layer": summary["per_layer"]}
     metrics["parameters"] = parameter_counts(model)
@@ -220,11 +225,6 @@ def prune(
         evaluation=evaluation_info, metrics=metrics,
         resources={"prune": monitor.as_dict(), "device": str(compute), "threads": torch.get_num_threads()},
     )
-
-
-def _block_index_of(model: nn.Module):
-    prefix = adapter_for(model).block_prefix(model) + "."
-    return lambda name: int(name[len(prefix):].split(".", 1)[0])
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, overwrite: bool = False) -> Path:
