@@ -8,7 +8,8 @@ pass (with the LM head) over the same calibration set, timed in the same process
     .venv/bin/python bench/llm_oneshot.py            # all configurations, ~40 min on 2 cores
     .venv/bin/python bench/llm_oneshot.py --only wanda:0.5 sparsegpt:2:4
 
-Writes bench/results/llm_oneshot.json, bench/results/llm_oneshot.png and the table in BENCHMARKS.md.
+A full run writes bench/results/llm_oneshot.json, bench/results/llm_oneshot.png and the table in BENCHMARKS.md;
+a run with --only prints its table and writes nothing, so that the committed results stay whole.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+CALIBRATION = dict(calibration="wiki-summaries", calibration_samples=32, calibration_seq_len=512, seed=0)
 CONFIGS = [
     (method, allocation, budget)
     for budget in ("0.5", "2:4", "4:8")
@@ -35,6 +37,10 @@ CONFIGS = [
 
 def _name(method: str, allocation: str, budget: str) -> str:
     return f"{method}{'+owl' if allocation == 'owl' else ''}:{budget}"
+
+
+def _label(record: dict) -> str:
+    return record["method"]["name"] + ("+OWL" if record["method"]["allocation"] == "owl" else "")
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -49,11 +55,10 @@ def run_one(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     loaded = load_causal_lm("smollm2-135m")
     model, tokenizer = loaded.model, loaded.tokenizer
-    common = dict(calibration="wiki-summaries", calibration_samples=32, calibration_seq_len=512, seed=0,
-                  batch_size=8, progress=False, model_source="smollm2-135m")
     # The denominator of the speed ratio: one dense forward pass (with the LM head) over the calibration set,
     # after a one-batch warm-up, timed in the same process just before pruning.
-    calib = calibration_tokens(tokenizer, "wiki-summaries", samples=32, seq_len=512, seed=0)
+    calib = calibration_tokens(tokenizer, CALIBRATION["calibration"], samples=CALIBRATION["calibration_samples"],
+                               seq_len=CALIBRATION["calibration_seq_len"], seed=CALIBRATION["seed"])
     with torch.inference_mode():
         model(input_ids=calib.ids[:8], use_cache=False)
         with ResourceMonitor() as forward:
@@ -68,7 +73,8 @@ def run_one(args: argparse.Namespace) -> dict:
     pattern = budget if ":" in budget else None
     sparsity = None if pattern else float(budget)
     record = prunekit.prune(model, tokenizer, method=method, sparsity=sparsity, pattern=pattern,
-                            allocation=allocation, **common)
+                            allocation=allocation, batch_size=8, progress=False, model_source="smollm2-135m",
+                            **CALIBRATION)
     pruned = prunekit.evaluate(model, tokenizer, data="wiki-summaries", seq_len=512, windows=args.eval_windows,
                                progress=False)
     record["metrics"]["pruned"] = pruned["metrics"]
@@ -87,9 +93,9 @@ def _table(rows: list[dict], dense: dict) -> str:
     ]
     for row in rows:
         prune = row["resources"]["prune"]
-        method = row["method"]["name"] + ("+OWL" if row["method"]["allocation"] == "owl" else "")
+        pattern = row["method"]["pattern"] if ":" in row["method"]["pattern"] else "50% unstructured"
         lines.append(
-            f"| {method} | {row['method']['pattern'] if ':' in row['method']['pattern'] else '50% unstructured'} | "
+            f"| {_label(row)} | {pattern} | "
             f"{row['metrics']['pruned']['perplexity']:.2f} | {prune['wall_s']:.1f} | {row['dense_forward_s']:.1f} | "
             f"{prune['wall_s'] / row['dense_forward_s']:.2f} | {prune['peak_rss_mb']:.0f} | "
             f"{row['metrics']['sparsity']['achieved']:.4f} |"
@@ -104,7 +110,7 @@ def _plot(rows: list[dict], dense: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     budgets = ["unstructured", "2:4", "4:8"]
-    methods = sorted({r["method"]["name"] + ("+OWL" if r["method"]["allocation"] == "owl" else "") for r in rows},
+    methods = sorted({_label(r) for r in rows},
                      key=lambda m: ["magnitude", "wanda", "sparsegpt", "wanda+OWL", "sparsegpt+OWL"].index(m))
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(methods)
@@ -112,8 +118,7 @@ def _plot(rows: list[dict], dense: dict, path: Path) -> None:
         values = []
         for budget in budgets:
             match = [r["metrics"]["pruned"]["perplexity"] for r in rows
-                     if r["method"]["name"] + ("+OWL" if r["method"]["allocation"] == "owl" else "") == method
-                     and r["method"]["pattern"] == budget]
+                     if _label(r) == method and r["method"]["pattern"] == budget]
             values.append(match[0] if match else float("nan"))
         ax.bar([b + i * width for b in range(len(budgets))], values, width, label=method)
     ax.axhline(dense["metrics"]["perplexity"], color="black", linestyle="--", label="dense")
@@ -150,7 +155,10 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    known = [_name(*c) for c in CONFIGS]
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     configs = [c for c in CONFIGS if not args.only or _name(*c) in args.only]
 
@@ -164,6 +172,11 @@ def main() -> None:
 
     dense = child("dense")
     rows = [child(f"{m}:{a}:{b}") for m, a, b in configs]
+    table = _table(rows, dense)
+    print(table)
+    if args.only:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "llm_oneshot.json").write_text(json.dumps({"dense": dense, "runs": rows}, indent=1))
     _plot(rows, dense, RESULTS / "llm_oneshot.png")
     env_card = dense["environment"]
@@ -176,8 +189,7 @@ def main() -> None:
         "its resident set while pruning (model included). Regenerate: `.venv/bin/python bench/llm_oneshot.py`.\n\n"
         "![perplexity by method](bench/results/llm_oneshot.png)"
     )
-    _write_benchmarks(_table(rows, dense), meta)
-    print(_table(rows, dense))
+    _write_benchmarks(table, meta)
 
 
 if __name__ == "__main__":
