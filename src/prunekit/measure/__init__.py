@@ -1,5 +1,6 @@
-"""Measurement shared by all of prunekit: perplexity, sparsity, parameters, resources, protocol card."""
+"""Measurement shared by all of prunekit: accuracy, perplexity, sparsity, parameters, resources, protocol card."""
 
+from prunekit.measure.accuracy import accuracy
 from prunekit.measure.perplexity import perplexity
 from prunekit.measure.protocol import environment, result_record, tensor_sha256, weights_sha256
 from prunekit.measure.resources import ResourceMonitor
@@ -7,6 +8,7 @@ from prunekit.measure.sparsity import layer_sparsity, nm_violations, parameter_c
 
 __all__ = [
     "ResourceMonitor",
+    "accuracy",
     "environment",
     "layer_sparsity",
     "nm_violations",
