@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from prunekit import api
+from prunekit.data import cli as data_cli
 from prunekit.errors import PrunekitError
+from prunekit.training import cli as training_cli
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="wiki-summaries", help="text asset name or local file (default wiki-summaries)")
     _eval_options(e, "")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
+
+    training_cli.add_parser(verbs)
+    data_cli.add_parser(verbs)
     return parser
 
 
@@ -140,7 +145,7 @@ def _summary(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        record = _run(args)
+        record = args.run(args) if "run" in args else _run(args)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: say so in one line, keep the traceback out of the user's way
         print(f"prunekit: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(record, indent=2) if args.json else _summary(record))
+    summary = args.summary if "summary" in args else _summary
+    print(json.dumps(record, indent=2) if args.json else summary(record))
     return 0
 
 

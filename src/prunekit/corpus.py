@@ -16,23 +16,19 @@ carries an `info` dict that states how it was made, for the protocol card, and a
 """
 
 import hashlib
-import json
 import os
 import random
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.csv
-import pyarrow.parquet
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from prunekit.assets import text_asset_names, text_records
 from prunekit.assets._texts import check_split
+from prunekit.data.io import read_data, read_txt_documents
 from prunekit.errors import PrunekitError
 
 SEPARATOR = "\n\n"
@@ -90,95 +86,17 @@ def load_texts(source: TextSource, *, split: str | None = None, text_field: str 
 
 def _load_path(path: Path, text_field: str) -> list[str]:
     if path.is_dir():
-        return [text for file in sorted(path.glob("*.txt")) for text in _read_txt(file)]
+        return [text for file in sorted(path.glob("*.txt")) for text in read_txt_documents(file)]
     if not path.is_file():
         raise PrunekitError(
             f"text source '{path}' is neither a text asset ({', '.join(text_asset_names())}) "
             "nor an existing file or directory"
         )
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _read_txt(path)
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path, text_field, lines=suffix == ".jsonl")
-    if suffix in (".parquet", ".csv"):
-        return _read_table(path, text_field)
-    raise PrunekitError(f"text file '{path}' has unsupported type {suffix!r}; accepted: {', '.join(FILE_TYPES)}")
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise PrunekitError(f"text file '{path}' is not UTF-8 ({error.reason} at byte {error.start})") from None
-
-
-def _read_txt(path: Path) -> list[str]:
-    # A blank line (only whitespace) ends a document, so a plain text file of paragraphs gives one
-    # document per paragraph and calibration can shuffle them.
-    return [doc.strip() for doc in re.split(r"\n[ \t]*\n", _read_utf8(path)) if doc.strip()]
-
-
-def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise PrunekitError(f"{where} is not valid JSON: {error}") from None
-
-
-def _read_json(path: Path, text_field: str, *, lines: bool) -> list[str]:
-    text = _read_utf8(path)
-    if lines:
-        where_and_items = [
-            (f"line {number}", _parse_json(line, f"line {number} of '{path}'"))
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip()
-        ]
-    else:
-        items = _parse_json(text, f"text file '{path}'")
-        if not isinstance(items, list):
-            raise PrunekitError(
-                f"text file '{path}' holds a JSON {type(items).__name__}; expected a list of strings or of objects"
-            )
-        where_and_items = [(f"item {i}", item) for i, item in enumerate(items)]
-    documents = []
-    for where, item in where_and_items:
-        if isinstance(item, dict):
-            if text_field not in item:
-                raise PrunekitError(
-                    f"{where} of '{path}' has no text field {text_field!r}; its fields: {', '.join(item)}"
-                )
-            item = item[text_field]
-        if not isinstance(item, str):
-            raise PrunekitError(
-                f"{where} of '{path}' is a {type(item).__name__}, not a string or an object with "
-                f"a string field {text_field!r}"
-            )
-        documents.append(item)
-    return documents
-
-
-def _read_table(path: Path, text_field: str) -> list[str]:
-    try:
-        if path.suffix.lower() == ".parquet":
-            table = pyarrow.parquet.read_table(path)
-        else:
-            table = pyarrow.csv.read_csv(
-                path,
-                parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
-                # Without this, a column of numbers would be inferred as numbers rather than text.
-                convert_options=pyarrow.csv.ConvertOptions(column_types={text_field: pa.string()}),
-            )
-    except pa.ArrowException as error:
-        raise PrunekitError(f"text file '{path}' cannot be read as a table: {error}") from None
-    if text_field not in table.column_names:
+    if path.suffix.lower() not in FILE_TYPES:
         raise PrunekitError(
-            f"text file '{path}' has no column {text_field!r}; its columns: {', '.join(table.column_names)}"
+            f"text file '{path}' has unsupported type {path.suffix.lower()!r}; accepted: {', '.join(FILE_TYPES)}"
         )
-    column = table.column(text_field)
-    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-        raise PrunekitError(f"column {text_field!r} of '{path}' holds {column.type}, not text")
-    return [text or "" for text in column.to_pylist()]  # a missing value (null) is an empty document
+    return read_data(path, text_field=text_field).texts(text_field)
 
 
 def _describe(source: TextSource) -> str:

@@ -92,3 +92,22 @@ def build_net(name: str, num_classes: int = 10, seed: int | None = None) -> nn.M
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return NETS[name](num_classes=num_classes)
+
+
+class TinyCNN(nn.Module):
+    """`tiny-cnn`: `small-cnn` at half the width (16, 32 channels, a 64-unit classifier), ~2.5× faster to train on
+    one CPU thread; the network of the Fashion-MNIST data-pruning benchmark."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+NETS["tiny-cnn"] = TinyCNN

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from prunekit.budget import Pattern, check_sparsity
@@ -86,3 +87,58 @@ def owl_sparsities(
             f"{max(result):.3f}, outside [0, 1); use a smaller --owl-limit"
         )
     return [check_sparsity(s, "OWL layer sparsity") for s in result]
+
+
+def top_k_indices(scores: np.ndarray, k: int, *, largest: bool = True) -> np.ndarray:
+    """Indices of the `k` highest (or lowest) scores, best first; ties go to the lower index, so the result
+    is the same on every platform and for every sort implementation."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 0 <= k <= len(scores):
+        raise PrunekitError(f"cannot take the top {k} of {len(scores)} scores; use 0 <= k <= {len(scores)}")
+    # lexsort sorts by the last key first: the score (negated for largest), then the index breaks ties.
+    order = np.lexsort((np.arange(len(scores)), -scores if largest else scores))
+    return order[:k].astype(np.int64)
+
+
+def largest_remainder(total: int, weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Split the integer `total` in proportion to `weights` (Hamilton's largest-remainder method).
+
+    Every share is the floor of its exact quota, and the units still missing go to the largest remainders
+    (ties to the lower position); the shares sum to `total` exactly and differ from the exact quotas by less than 1.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if total < 0 or len(weights) == 0 or not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
+        raise PrunekitError(f"cannot split {total} by weights {weights.tolist()}; use a count >= 0 and finite "
+                            "non-negative weights with a positive sum")
+    exact = total * weights / weights.sum()
+    shares = np.floor(exact).astype(np.int64)
+    missing = total - int(shares.sum())
+    if missing:
+        shares[top_k_indices(exact - shares, missing)] += 1
+    return shares
+
+
+def lowest_count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Remove exactly `count` lowest-scoring entries of the tensor (a count rather than a fraction)."""
+    if not 0 <= count <= scores.numel():
+        raise PrunekitError(f"cannot remove {count} of {scores.numel()} entries; use 0 <= count <= {scores.numel()}")
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if count:
+        keep[torch.topk(scores.flatten(), count, largest=False, sorted=False).indices] = False
+    return keep.view_as(scores)
+
+
+def global_lowest_masks(scores: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Remove exactly `count` lowest scores pooled over all tensors (scores must be comparable across them)."""
+    names = list(scores)
+    dtype = torch.float32
+    for s in scores.values():  # float64 scores (SynFlow's products of many weights) keep their precision
+        dtype = torch.promote_types(dtype, s.dtype)
+    flat = torch.cat([scores[n].detach().flatten().to(dtype) for n in names])
+    pooled = lowest_count_mask(flat, count)
+    masks, start = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        masks[name] = pooled[start:start + size].view_as(scores[name])
+        start += size
+    return masks
