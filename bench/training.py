@@ -1,6 +1,6 @@
 """Benchmark: training-time pruning (issue 4) on two small vision settings, 3 seeds, five sparsities.
 
-Settings (training subsets and few epochs, so that the whole accuracy benchmark fits ~45 min at 1 thread):
+Settings (training subsets and few epochs, so that the whole accuracy benchmark takes ~30 min at 1 thread):
 - `lenet`: LeNet-300-100 on MNIST, a fixed 10k-example training subset, the full 10k test set, 5 epochs of
   batches of 128 (395 steps).
 - `resnet`: the small ResNet (`resnet-small`) on Fashion-MNIST, a fixed 4k-example training subset, a fixed 2k
@@ -23,7 +23,7 @@ Methods, each at sparsities 50/80/90/95/98% of the prunable (Linear/Conv) weight
 All use the one loop of `prunekit.training` through `prunekit.training.recipes.execute` (the code `prunekit train`
 runs); one-shot runs of a seed share their (deterministic) dense pre-training, which is counted in each budget.
 
-    .venv/bin/python bench/training.py                   # everything, ~45 min at 1 thread; writes the results
+    .venv/bin/python bench/training.py                   # everything, ~30 min at 1 thread; writes the results
     .venv/bin/python bench/training.py --resume --report # write the results of the runs finished so far
     .venv/bin/python bench/training.py --quick           # smoke run in ~1 min; prints, writes nothing
     .venv/bin/python bench/training.py --only lenet:gmp resnet:imp   # prints, writes nothing
@@ -259,16 +259,15 @@ def table(rows: list[dict], quick: bool) -> str:
     return "\n".join(lines)
 
 
-def preface(rows: list[dict], threads: int, wall_s: float | None) -> str:
+def preface(rows: list[dict], threads: int) -> str:
     """What was run, and how small it is: said beside the tables."""
     seeds = sorted({r["seed"] for r in rows})
-    wall = f"; {wall_s / 60:.0f} min in all" if wall_s else ""
-    return (f"`.venv/bin/python bench/training.py` ({threads} thread{wall}). A deliberately small scale: training "
-            f"subsets, few epochs, seeds {seeds}; every method runs "
-            "through `prunekit.training.recipes.execute`, the code of `prunekit train`. SGD (momentum 0.9, lr 0.05, "
-            "cosine), evaluation once at the end of each run. Random and RigL use ERK allocation; SNIP, GraSP, "
-            "SynFlow, one-shot, GMP and IMP use global allocation. The training budget is stated per row (IMP: "
-            "all its rounds so far; one-shot: pre-training + fine-tuning).\n\n")
+    return (f"`.venv/bin/python bench/training.py`, {threads} thread, wall time per run in the tables. A "
+            f"deliberately small scale: training subsets, few epochs, seeds {seeds}; every method runs through "
+            "`prunekit.training.recipes.execute`, the code of `prunekit train`. SGD (momentum 0.9, lr 0.05, cosine), "
+            "evaluation once at the end of each run. Random and RigL use ERK allocation; SNIP, GraSP, SynFlow, "
+            "one-shot, GMP and IMP use global allocation. The training budget is stated per row (IMP: all its "
+            "rounds so far; one-shot: pre-training + fine-tuning).\n\n")
 
 
 def _mean(cells: dict, setting: str, method: str, target: float) -> float | None:
@@ -323,6 +322,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
@@ -348,6 +348,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axhline(100 * statistics.mean(dense.values()), color="black", linewidth=0.8, label="dense")
         s = SETTINGS[setting]
         ax.set_xscale("logit")
+        ax.set_xticks(list(SPARSITIES), [f"{100 * x:g}%" for x in SPARSITIES])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("sparsity (logit scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{s['net']} on {s['data']}")
@@ -452,7 +454,7 @@ def main() -> None:
     else:
         rows = run_accuracy(args)
         wall_s = time.perf_counter() - began
-    text = (preface(rows, args.threads, wall_s) + table(rows, args.quick)
+    text = (preface(rows, args.threads) + table(rows, args.quick)
             + "\n\n**Published orderings at this scale** (on the means; compare the differences with the seeds' "
             "spread above)\n\n" + "\n".join(orderings(rows)))
     print(text)
