@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prunekit-installed
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-llm bench-data bench-training bench-timing
 
 setup: $(STAMP)
 
@@ -28,5 +28,22 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: setup
+# Accuracy and quality benchmarks (about 40 + 50 + 30 minutes); bench-timing needs an otherwise idle machine.
+bench: bench-llm bench-data bench-training bench-timing
+
+bench-llm: setup
 	$(BIN)/python bench/llm_oneshot.py
+
+bench-data: setup
+	$(BIN)/python bench/data_fmnist.py
+	$(BIN)/python bench/data_text.py
+	$(BIN)/python bench/tables.py
+
+bench-training: setup
+	$(BIN)/python bench/training.py
+	$(BIN)/python bench/tables.py
+
+bench-timing: setup
+	$(BIN)/python bench/data_throughput.py --threads 2
+	$(BIN)/python bench/training.py --overhead --threads 1
+	$(BIN)/python bench/tables.py

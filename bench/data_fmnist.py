@@ -33,7 +33,6 @@ from prunekit.data.dynamics import (
     grand_scores,
     random_scores,
     record_dynamics,
-    train_classifier,
 )
 from prunekit.data.embed import embed_with
 from prunekit.data.samplers import RS2, InfoBatch
@@ -41,6 +40,7 @@ from prunekit.data.selectors import ccs_select, keep_count, select_examples
 from prunekit.data.semantic import prototype_scores
 from prunekit.measure import accuracy, environment
 from prunekit.nets import build_net
+from prunekit.training.loop import ClassificationData, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -68,8 +68,9 @@ def make_model():
 
 
 def train_eval(x, y, test, args: argparse.Namespace, *, seed: int, epochs: int, sampler=None) -> float:
-    model = train_classifier(build_net("tiny-cnn", seed=seed), x, y, epochs=epochs, batch_size=128, lr=0.05,
-                             lr_schedule=args.lr_schedule, seed=seed, sampler=sampler)
+    model = build_net("tiny-cnn", seed=seed)
+    train(model, ClassificationData(x, y), epochs=epochs, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
+          lr_schedule=args.lr_schedule, seed=seed, sampler=sampler, progress=False)
     return accuracy(model, test.images, test.labels)["accuracy"]
 
 

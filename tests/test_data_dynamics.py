@@ -11,8 +11,6 @@ from prunekit.data.dynamics import (
     TrainingDynamics,
     per_example_grad_norms,
     record_dynamics,
-    scheduled_lr,
-    train_classifier,
 )
 from prunekit.errors import PrunekitError
 
@@ -120,28 +118,6 @@ def test_record_dynamics_returns_the_trained_model_and_one_row_per_epoch(blobs):
     dynamics, model = record_dynamics(make_mlp, x, y, seed=0, epochs=4, batch_size=32)
     assert dynamics.correct.shape == (4, len(y))
     assert dynamics.correct[-1].mean() > 0.85 and isinstance(model, nn.Module)
-
-
-def test_train_classifier_refuses_unknown_optimizer_and_schedule(blobs):
-    x, y = blobs
-    with pytest.raises(PrunekitError, match="optimizer 'lbfgs'"):
-        train_classifier(make_mlp(), x, y, epochs=1, optimizer="lbfgs")
-    with pytest.raises(PrunekitError, match="schedule 'step'"):
-        train_classifier(make_mlp(), x, y, epochs=1, lr_schedule="step")
-
-
-def test_cosine_schedule_anneals_to_zero_and_changes_training(blobs):
-    assert scheduled_lr(0.1, 0.0, "cosine") == pytest.approx(0.1) and scheduled_lr(0.1, 0.5, "cosine") == 0.05
-    assert scheduled_lr(0.1, 1.0, "cosine") == pytest.approx(0.0, abs=1e-12) and scheduled_lr(0.1, 0.7) == 0.1
-    x, y = blobs
-    torch.manual_seed(0)
-    init = make_mlp()
-    runs = {}
-    for schedule in ("constant", "cosine"):
-        model = make_mlp()
-        model.load_state_dict(init.state_dict())
-        runs[schedule] = train_classifier(model, x, y, epochs=2, batch_size=32, lr_schedule=schedule)
-    assert not torch.equal(runs["constant"][0].weight, runs["cosine"][0].weight)
 
 
 @pytest.mark.parametrize("name", list(TRAINING_SCORERS))

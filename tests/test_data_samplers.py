@@ -7,9 +7,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from prunekit.data.dynamics import train_classifier
 from prunekit.data.samplers import RS2, IndexedDataset, InfoBatch, infobatch_trainer_class, rs2_trainer_class
 from prunekit.errors import PrunekitError
+from prunekit.training.loop import ClassificationData, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,14 +99,20 @@ def test_infobatch_is_deterministic_and_works_with_a_dataloader():
     assert [len(e) for e in epochs] == [64, 64 - round(0.7 * 32), 64, 64]
 
 
-def test_train_classifier_reweights_with_infobatch_and_saves_passes():
+def test_training_loop_reweights_with_infobatch_and_saves_passes():
     torch.manual_seed(0)
     x = torch.randn(256, 2)
     y = (x[:, 0] > 0).long()
     sampler = InfoBatch(256, epochs=6, prune_ratio=0.5, anneal=0.67, seed=0)
-    model = train_classifier(nn.Linear(2, 2), x, y, epochs=6, batch_size=32, lr=0.1, sampler=sampler)
-    assert 256 * 3 < sampler.passes < 256 * 6
+    model = nn.Linear(2, 2)
+    epochs_seen = []
+    history = train(model, ClassificationData(x, y), epochs=6, batch_size=32, lr=0.1, sampler=sampler,
+                    on_epoch_end=lambda epoch, _: epochs_seen.append(epoch), progress=False)
+    assert 256 * 3 < sampler.passes < 256 * 6 and history.example_passes == sampler.passes
+    assert epochs_seen == list(range(6)) and len(history.rows) == 6
     assert (model(x).argmax(1) == y).float().mean() > 0.9
+    with pytest.raises(PrunekitError, match="budget in epochs"):
+        train(model, ClassificationData(x, y), steps=10, sampler=sampler, progress=False)
 
 
 def test_rs2_visits_every_example_before_repeating():

@@ -22,7 +22,6 @@ from prunekit.data.dynamics import (
     predict_logits,
     random_scores,
     record_dynamics,
-    train_classifier,
 )
 from prunekit.data.embed import Encoder, embed_texts, embed_with, load_encoder
 from prunekit.data.io import ArrayStore, DataTable, Staging, read_data, read_scores, write_scores, write_subset
@@ -78,7 +77,6 @@ __all__ = [
     "select_kept",
     "semdedup",
     "semdedup_groups",
-    "train_classifier",
     "write_scores",
     "write_subset",
 ]

@@ -16,7 +16,6 @@ and the shuffling (a seeded generator) are fixed, so on one thread the scores ar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,9 +26,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
-
-OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("constant", "cosine")
+from prunekit.training.loop import ClassificationData, train
 
 
 def _check_data(inputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -48,57 +45,14 @@ def _seeded_model(make_model: Callable[[], nn.Module], seed: int, device: torch.
         return make_model().to(device)
 
 
-def scheduled_lr(lr: float, progress: float, schedule: str = "constant") -> float:
-    """The learning rate at `progress` ∈ [0, 1] of training: constant, or cosine-annealed from `lr` to 0."""
-    if schedule not in LR_SCHEDULES:
-        raise PrunekitError(f"learning-rate schedule '{schedule}' is unknown; use one of {', '.join(LR_SCHEDULES)}")
-    return lr if schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * progress))
-
-
-def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
-                     batch_size: int = 128, lr: float = 0.05, optimizer: str = "sgd", momentum: float = 0.9,
-                     weight_decay: float = 5e-4, lr_schedule: str = "constant", seed: int = 0,
-                     device: str | torch.device | None = None,
-                     sampler: torch.utils.data.Sampler | None = None,
-                     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
-                     progress: bool = False) -> nn.Module:
-    """Train `model` with cross-entropy on (inputs, labels) for `epochs` epochs and return it.
-
-    Batches are drawn by `sampler` if given (its indices may repeat or skip examples; a sampler with `update`
-    and `weights` methods, like `prunekit.data.samplers.InfoBatch`, is fed every batch's per-example losses and
-    its weights rescale them), else a reshuffle every epoch under `seed`. `on_epoch_end(epoch, model)` runs after
-    each epoch (the model is in train mode again afterwards). `lr_schedule="cosine"` anneals the learning rate
-    to 0 by the fraction of epochs done, counted per batch, so epochs of varying length (a pruning sampler) are fine.
-    """
-    scheduled_lr(lr, 0.0, lr_schedule)
-    if optimizer not in OPTIMIZERS:
-        raise PrunekitError(f"optimizer '{optimizer}' is unknown; use one of {', '.join(OPTIMIZERS)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == "sgd"
-           else torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
-    generator = torch.Generator().manual_seed(seed)
-    reweights = sampler is not None and hasattr(sampler, "update") and hasattr(sampler, "weights")
-    for epoch in tqdm(range(epochs), desc="training", disable=not progress, leave=False):
-        order = (torch.as_tensor(list(sampler), dtype=torch.long) if sampler is not None
-                 else torch.randperm(len(labels), generator=generator))
-        batches = order.split(batch_size)
-        for step, batch in enumerate(batches):
-            for group in opt.param_groups:
-                group["lr"] = scheduled_lr(lr, (epoch + step / len(batches)) / epochs, lr_schedule)
-            x, y = inputs[batch].to(device), labels[batch].to(device)
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-            if reweights:
-                sampler.update(batch, losses.detach())
-                losses = losses * sampler.weights(batch).to(device)
-            opt.zero_grad(set_to_none=True)
-            losses.mean().backward()
-            opt.step()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, model)
-            model.train()
-    return model
+def _fit(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
+         optimizer: str, seed: int, progress: bool,
+         on_epoch_end: Callable[[int, nn.Module], None] | None = None) -> None:
+    """The scorers' short training runs: prunekit's training loop with SGD (momentum 0.9) or Adam, weight decay
+    5e-4 and a constant learning rate, as in the EL2N/forgetting papers' short runs."""
+    train(model, ClassificationData(inputs, labels), epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+          momentum=0.9, weight_decay=5e-4, lr_schedule="constant", seed=seed, on_epoch_end=on_epoch_end,
+          progress=progress)
 
 
 @torch.no_grad()
@@ -175,9 +129,8 @@ def record_dynamics(make_model: Callable[[], nn.Module], inputs: torch.Tensor, l
     labels = labels.long()
     model = _seeded_model(make_model, seed, device)
     recorded: list[torch.Tensor] = []
-    train_classifier(model, inputs, labels, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                     seed=seed, device=device, progress=progress,
-                     on_epoch_end=lambda _, m: recorded.append(predict_logits(m, inputs, device=device)))
+    _fit(model, inputs, labels, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
+         progress=progress, on_epoch_end=lambda _, m: recorded.append(predict_logits(m, inputs, device=device)))
     return TrainingDynamics.from_logits(recorded, labels.cpu()), model
 
 
@@ -272,8 +225,8 @@ def grand_scores(make_model: Callable[[], nn.Module], inputs: torch.Tensor, labe
     for run in tqdm(range(runs), desc="grand runs", disable=not progress):
         model = _seeded_model(make_model, seed + run, device)
         if epochs:
-            train_classifier(model, inputs, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + run,
-                             device=device)
+            _fit(model, inputs, labels, epochs=epochs, batch_size=batch_size, lr=lr, optimizer="sgd", seed=seed + run,
+                 progress=False)
         total += per_example_grad_norms(model, inputs, labels, batch_size=batch_size, device=device)
     return total / runs
 

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 
-# The fastest batch size in a sweep over 8, 16, 32, 64 on 96 BBC News articles (256 tokens each), 1 thread, three
-# interleaved rounds (bench/data_throughput.py): 7.7 texts/s at 8 against 6.8 at 32 and 64. Once a batch holds a few
+# The fastest batch size in a sweep over 4-64 on 256 BBC News articles (256 tokens each), 2 threads, interleaved
+# rounds (bench/results/data_throughput.md): 17.5 texts/s at 16, 15.6-17.2 at the others. Once a batch holds a few
 # full-length texts the matrix products are large enough; bigger batches only grow the attention buffers.
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 16
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 EMBEDDING_DIM = 384
 

@@ -7,6 +7,7 @@ gradient hooks on the weights of the model you pass.
 
 from prunekit.training.allocation import ALLOCATIONS, allocate, erk_densities, lamp_scores
 from prunekit.training.dst import SET, RigL
+from prunekit.training.loop import ClassificationData, TrainHistory, train
 from prunekit.training.masks import Masks, prunable_weights
 from prunekit.training.schedules import (
     GradualMagnitude,
@@ -28,7 +29,9 @@ from prunekit.training.scorers import (
 
 __all__ = [
     "ALLOCATIONS",
+    "ClassificationData",
     "SET",
+    "TrainHistory",
     "GradualMagnitude",
     "IterativeMagnitude",
     "Masks",
@@ -44,6 +47,7 @@ __all__ = [
     "erk_densities",
     "grasp_scores",
     "lamp_scores",
+    "load_checkpoint",
     "load_recipe",
     "magnitude_scores",
     "prunable_weights",
@@ -51,11 +55,12 @@ __all__ = [
     "run_recipe",
     "snip_scores",
     "synflow_scores",
+    "train",
 ]
 
 
 _LAZY = {"PruningCallback": "prunekit.training.hf", "load_recipe": "prunekit.training.recipes",
-         "run_recipe": "prunekit.training.recipes"}
+         "run_recipe": "prunekit.training.recipes", "load_checkpoint": "prunekit.training.recipes"}
 
 
 def __getattr__(name: str):

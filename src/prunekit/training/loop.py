@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +91,9 @@ class TrainHistory:
                 "wall_s": self.wall_s}
 
 
-def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) -> float:
-    """The learning rate for `step` (0-based) of `total_steps`.
+def learning_rate(schedule: str, base_lr: float, step: float, total_steps: float) -> float:
+    """The learning rate after `step` of `total_steps` (fractional steps allowed: an epoch-based loop passes the
+    epochs done and the epoch count).
 
     `constant`; `cosine` annealing from `base_lr` to 0 (Loshchilov & Hutter 2017, without restarts); `step`: ×0.1
     at 50% and again at 75% of the steps (the multi-step decay of the lottery-ticket experiments).
@@ -102,7 +103,7 @@ def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) ->
     if schedule == "cosine":
         return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total_steps))
     if schedule == "step":
-        return base_lr * 0.1 ** ((step >= total_steps // 2) + (step >= (3 * total_steps) // 4))
+        return base_lr * 0.1 ** ((2 * step >= total_steps) + (4 * step >= 3 * total_steps))
     raise PrunekitError(f"unknown lr_schedule '{schedule}'; use one of {', '.join(LR_SCHEDULES)}")
 
 
@@ -118,9 +119,12 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
 
 def _check_options(epochs: int | None, steps: int | None, batch_size: int, optimizer: Any, lr: float,
                    momentum: float, weight_decay: float, lr_schedule: str, start_step: int,
-                   eval_every: int | None) -> None:
+                   eval_every: int | None, sampler: Any) -> None:
     if (epochs is None) == (steps is None):
         raise PrunekitError(f"give exactly one of epochs or steps (got epochs={epochs}, steps={steps})")
+    if sampler is not None and (steps is not None or start_step or eval_every):
+        raise PrunekitError("a sampler decides how long each epoch is: give the budget in epochs, without steps, "
+                            "start_step or eval_every")
     for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise PrunekitError(f"{name}={value!r} must be a positive integer")
@@ -152,7 +156,9 @@ def train(
     seed: int = 0,
     start_step: int = 0,
     pruner: Any = None,
+    sampler: Any = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     eval_every: int | None = None,
     progress: bool = True,
 ) -> TrainHistory:
@@ -164,16 +170,23 @@ def train(
     ticket is rewound to step k: steps `start_step .. total-1` run, with the learning rate and the batches those
     steps would have had.
 
+    `sampler` replaces the permutation: an iterable of example indices, iterated once per epoch (a dynamic data
+    sampler such as `prunekit.data.samplers.InfoBatch` or `RS2`). Its epochs may be shorter than the data set, so
+    the budget is then given in `epochs` and the learning rate follows the fraction of epochs done. A sampler with
+    `update(indices, losses)` and `weights(indices)` (InfoBatch) is fed every batch's per-example losses, and its
+    weights rescale them before averaging.
+
     `optimizer` is "sgd" (heavy-ball `momentum`) or "adam", with L2 `weight_decay`, built anew for every call; or
     an optimizer already built on the model (`make_optimizer`), for a pruner that resets its state (RigL), whose
     lr is then set by the schedule.
 
     `pruner` (any prunekit.training pruner) is stepped after every `optimizer.step()`; its achieved and target
-    sparsity go into the history. Evaluation runs every `eval_every` steps (default: at the end of every epoch)
-    and after the last step. Returns the `TrainHistory`; the model's train/eval mode is restored.
+    sparsity go into the history. `on_epoch_end(epoch, model)` runs after each epoch (the model is back in train
+    mode afterwards). Evaluation runs every `eval_every` steps (default: at the end of every epoch) and after the
+    last step. Returns the `TrainHistory`; the model's train/eval mode is restored.
     """
     _check_options(epochs, steps, batch_size, optimizer, lr, momentum, weight_decay, lr_schedule, start_step,
-                   eval_every)
+                   eval_every, sampler)
     n = len(data.train_labels)
     steps_per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else epochs * steps_per_epoch
@@ -184,29 +197,27 @@ def train(
         opt = optimizer
     else:
         opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
-    generator = torch.Generator().manual_seed(seed)
+    reweights = hasattr(sampler, "update") and hasattr(sampler, "weights")
     history = TrainHistory()
     was_training = model.training
     model.train()
     loss_sum, loss_count = 0.0, 0
-    bar = tqdm(total=total - start_step, desc="train", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=None if sampler is not None else total - start_step, desc="train", unit="step",
+               disable=not progress, leave=False)
     began = time.perf_counter()
-    # every epoch draws its permutation in turn, so a run resumed at start_step sees the batches it would have
-    for _ in range(start_step // steps_per_epoch):
-        torch.randperm(n, generator=generator)
-    order = torch.randperm(n, generator=generator)
     try:
-        for step in range(start_step, total):
-            position = step % steps_per_epoch
-            if position == 0 and step != start_step:
-                order = torch.randperm(n, generator=generator)
-            index = order[position * batch_size:(position + 1) * batch_size]
-            x, y = data.train_inputs[index].to(device), data.train_labels[index].to(device)
-            rate = learning_rate(lr_schedule, lr, step, total)
+        for step, batch in enumerate(_batches(n, batch_size, total, start_step, seed, sampler, epochs), start_step):
+            x, y = data.train_inputs[batch.index].to(device), data.train_labels[batch.index].to(device)
+            rate = learning_rate(lr_schedule, lr, *batch.progress)
             for group in opt.param_groups:
                 group["lr"] = rate
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
+            if reweights:
+                losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+                sampler.update(batch.index, losses.detach())
+                loss = (losses * sampler.weights(batch.index).to(device)).mean()
+            else:
+                loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             if pruner is not None:
@@ -216,21 +227,57 @@ def train(
                 raise PrunekitError(f"training loss became {value} at step {step}; lower lr (now {lr})")
             loss_sum, loss_count = loss_sum + value, loss_count + 1
             history.steps += 1
-            history.example_passes += len(index)
+            history.example_passes += len(batch.index)
             if on_step is not None:
                 on_step(step, value)
             done = step + 1
-            if done == total or (done % eval_every == 0 if eval_every else done % steps_per_epoch == 0):
-                history.rows.append(_row(model, data, pruner, done, done / steps_per_epoch, rate,
-                                         loss_sum / loss_count))
+            if batch.last or (eval_every and done % eval_every == 0) or (not eval_every and batch.epoch_end):
+                history.rows.append(_row(model, data, pruner, done, batch.epochs_done, rate, loss_sum / loss_count))
                 loss_sum, loss_count = 0.0, 0
                 bar.set_postfix(loss=f"{history.rows[-1]['loss']:.3f}", acc=history.rows[-1]["test_accuracy"])
+            if batch.epoch_end and on_epoch_end is not None:
+                on_epoch_end(math.ceil(batch.epochs_done) - 1, model)
+                model.train()
             bar.update(1)
     finally:
         bar.close()
         model.train(was_training)
     history.wall_s = time.perf_counter() - began
     return history
+
+
+@dataclass(frozen=True)
+class _Batch:
+    index: torch.Tensor  # example indices
+    progress: tuple[float, float]  # (done, total) for the learning-rate schedule, in steps or in epochs
+    epochs_done: float  # epochs completed after this step
+    epoch_end: bool
+    last: bool
+
+
+def _batches(n: int, batch_size: int, total: int, start_step: int, seed: int, sampler: Any,
+             epochs: int | None) -> Iterator[_Batch]:
+    """The batches of a run: from a seeded permutation per epoch, or from `sampler`, iterated once per epoch."""
+    if sampler is not None:
+        for epoch in range(epochs):
+            batches = torch.as_tensor(list(sampler), dtype=torch.long).split(batch_size)
+            for position, index in enumerate(batches):
+                end = position == len(batches) - 1
+                yield _Batch(index, (epoch + position / len(batches), epochs), epoch + (position + 1) / len(batches),
+                             end, end and epoch == epochs - 1)
+        return
+    steps_per_epoch = math.ceil(n / batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    # every epoch draws its permutation in turn, so a run resumed at start_step sees the batches it would have
+    for _ in range(start_step // steps_per_epoch):
+        torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator)
+    for step in range(start_step, total):
+        position = step % steps_per_epoch
+        if position == 0 and step != start_step:
+            order = torch.randperm(n, generator=generator)
+        yield _Batch(order[position * batch_size:(position + 1) * batch_size], (step, total),
+                     (step + 1) / steps_per_epoch, position == steps_per_epoch - 1, step == total - 1)
 
 
 def _row(model: nn.Module, data: ClassificationData, pruner: Any, step: int, epoch: float, lr: float,

@@ -1,0 +1,33 @@
+"""Copy the tables that the benchmark scripts write to bench/results/<name>.md into BENCHMARKS.md.
+
+Each table sits in BENCHMARKS.md between `<!-- <name>:begin -->` and `<!-- <name>:end -->`; the text around the
+markers (the reading of each table) is written by hand. Run after any benchmark script:
+
+    .venv/bin/python bench/tables.py
+"""
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TABLES = ("data_fmnist", "infobatch", "data_text", "data_throughput", "training", "training.overhead")
+
+
+def main() -> int:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8")
+    for name in TABLES:
+        pattern = re.compile(rf"(<!-- {re.escape(name)}:begin -->\n).*?(<!-- {re.escape(name)}:end -->)", re.S)
+        if not pattern.search(text):
+            print(f"tables: BENCHMARKS.md has no markers for '{name}'", file=sys.stderr)
+            return 2
+        table = (RESULTS / f"{name}.md").read_text(encoding="utf-8").strip() + "\n"
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + m.group(2), text)
+    path.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
