@@ -25,11 +25,7 @@ def removal_count(total: int, sparsity: float) -> int:
 
 def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Remove the lowest-scoring fraction of the whole tensor."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    k = removal_count(scores.numel(), sparsity)
-    if k:
-        keep[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = False
-    return keep.view_as(scores)
+    return lowest_count_mask(scores, removal_count(scores.numel(), sparsity))
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from prunekit.budget import check_sparsity
 from prunekit.errors import PrunekitError
-from prunekit.select import global_lowest_masks, largest_remainder, lowest_count_mask, removal_count
+from prunekit.select import global_lowest_masks, largest_remainder, lowest_count_mask, lowest_mask, removal_count
 
 ALLOCATIONS = ("uniform", "global", "global-min", "lamp", "erk", "er")
 
@@ -100,7 +100,7 @@ def allocate(scores: Mapping[str, torch.Tensor], sparsity: float, allocation: st
     total = sum(s.numel() for s in scores.values())
     count = removal_count(total, sparsity)
     if allocation == "uniform":
-        return {n: lowest_count_mask(s, removal_count(s.numel(), sparsity)) for n, s in scores.items()}
+        return {n: lowest_mask(s, sparsity) for n, s in scores.items()}
     if allocation == "global":
         return global_lowest_masks(dict(scores), count)
     if allocation == "lamp":

@@ -7,7 +7,6 @@ The verb is a thin layer over `load_recipe` and `run_recipe`. Everything checkab
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prunekit.errors import PrunekitError
 
@@ -26,7 +25,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Load and validate the recipe, check the output, then train and write; returns the result record."""
+    """Load and validate the recipe, then train and write (after checking the output); returns the result record."""
     import torch
 
     from prunekit.training.recipes import load_recipe, run_recipe
@@ -39,12 +38,8 @@ def run(args: argparse.Namespace) -> dict:
     out = args.out if args.out is not None else recipe.out
     if out is None:
         raise PrunekitError(f"recipe '{args.recipe}' has no 'out' directory; pass --out DIR")
-    out_path = Path(out)
-    if out_path.exists() and not out_path.is_dir():
-        raise PrunekitError(f"output path '{out_path}' is a file; pass a directory path")
-    if out_path.exists() and not args.overwrite:
-        raise PrunekitError(f"output directory '{out_path}' exists; pass --overwrite to replace it")
-    return run_recipe(recipe, out_path, overwrite=args.overwrite, progress=not args.quiet)
+    # run_recipe refuses an existing output (or a file in its place) before loading data or training.
+    return run_recipe(recipe, out, overwrite=args.overwrite, progress=not args.quiet)
 
 
 def summary(record: dict) -> str:

@@ -344,6 +344,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 @lru_cache(maxsize=4)
 def _image_split(name: str, split: str) -> ImageSet:
+    """`load_images`, cached: a benchmark runs many recipes on the same image set in one process."""
     return load_images(name, split)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from prunekit.budget import check_sparsity
 from prunekit.errors import PrunekitError
-from prunekit.select import lowest_count_mask, removal_count
+from prunekit.select import lowest_mask
 from prunekit.training.allocation import ALLOCATIONS, allocate
 from prunekit.training.masks import Masks
 from prunekit.training.scorers import (
@@ -311,6 +311,6 @@ class Movement(_CubicSchedule, Pruner):
         if self.soft:
             self._prune_to(self.scores, target, "global")
         else:
-            keep = {n: lowest_count_mask(s, removal_count(s.numel(), target)) for n, s in self.scores.items()}
+            keep = {n: lowest_mask(s, target) for n, s in self.scores.items()}
             check_layer_collapse(keep)
             self.masks.update(keep)
