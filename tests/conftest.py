@@ -6,6 +6,7 @@ for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_flag, "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from prunekit.assets import LoadedModel, load_causal_lm  # noqa: E402
 
@@ -19,3 +20,13 @@ def smollm2() -> LoadedModel:
     must work on a `copy.deepcopy` of it.
     """
     return load_causal_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (small tensors, where threads only add overhead), then restore the
+    session's thread count, so that the real-model tests elsewhere keep all cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

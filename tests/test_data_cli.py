@@ -11,7 +11,7 @@ from prunekit.cli import main
 from prunekit.data.api import prune_data
 from prunekit.errors import PrunekitError
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SENTENCES = [
     "The central bank raised interest rates by half a point.",
@@ -160,3 +160,13 @@ def test_prototypes_on_arrays_in_python_keep_the_easiest(tmp_path):
     with pytest.raises(PrunekitError, match="perplexity scores texts"):
         prune_data(x, method="perplexity", keep=0.5, out=tmp_path / "p.npy", progress=False)
     assert not (tmp_path / "p.npy").exists()
+
+
+def test_threads_limit_the_call_and_the_callers_setting_comes_back(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    calls = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_threads(n)))
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    prune_data(x, method="random", keep=5, out=tmp_path / "kept.npy", progress=False, threads=2)
+    assert calls == [2, before] and torch.get_num_threads() == before

@@ -19,12 +19,7 @@ MISLABELED = np.arange(0, N, 20)  # 15 planted label errors
 AMBIGUOUS = np.arange(N, N + 15)  # 15 points halfway between two blobs, labelled like one of them
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

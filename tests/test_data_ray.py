@@ -4,13 +4,11 @@ import json
 import numpy as np
 import pyarrow.parquet
 import pytest
-import torch
 
 from prunekit.data.api import prune_data
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
-
-torch.set_num_threads(1)
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed"),
+              pytest.mark.usefixtures("one_thread")]
 
 TEXTS = [
     "Shares rose after the company reported record profits.",

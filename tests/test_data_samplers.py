@@ -11,13 +11,7 @@ from prunekit.data.samplers import RS2, IndexedDataset, InfoBatch, infobatch_tra
 from prunekit.errors import PrunekitError
 from prunekit.training.loop import ClassificationData, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from prunekit.data.semantic import kmeans, prototype_scores, semdedup, semdedup_
 from prunekit.errors import PrunekitError
 from tiny_models import tiny_causal_lm
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(x):

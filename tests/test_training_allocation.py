@@ -9,7 +9,7 @@ from prunekit.errors import PrunekitError
 from prunekit.select import removal_count
 from prunekit.training import ALLOCATIONS, allocate, check_layer_collapse, erk_densities, lamp_scores
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = {"conv": (8, 3, 3, 3), "fc1": (64, 72), "fc2": (10, 64)}
 

@@ -1,5 +1,6 @@
 """The Hugging Face Trainer callback steps the pruner once per optimizer step and finalizes at the end."""
 
+import pytest
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -7,7 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from prunekit.select import removal_count
 from prunekit.training import GradualMagnitude, PruningCallback, prunable_weights
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyClassifier(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.training import Masks, prunable_weights
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -18,7 +18,7 @@ from prunekit.training import (
     prunable_weights,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -20,7 +20,7 @@ from prunekit.training import (
     synflow_scores,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cnn(seed: int = 0) -> nn.Module:

@@ -287,29 +287,34 @@ def prune_data(
             check_output(path, overwrite)
     if scores_out is not None and Path(scores_out).suffix.lower() != ".parquet":
         raise PrunekitError(f"scores output '{scores_out}' must be a .parquet file")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PrunekitError(f"threads must be an integer >= 1, got {threads!r}")
+    # The caller's torch thread count is restored afterwards: `threads` limits this call, not the process.
+    previous_threads = torch.get_num_threads()
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise PrunekitError(f"threads must be an integer >= 1, got {threads!r}")
         torch.set_num_threads(threads)
-    with ResourceMonitor() as monitor:
-        table = read_data(input, id_field=id_field, text_field=text_field)
-        n = len(table)
-        if n == 0:
-            raise PrunekitError(f"input '{table.source}' has no examples; give at least one")
-        out_format = None if out is None else output_format(table, out)
-        if keep is not None:
-            selectors.keep_count(n, keep)
-        if method != "random":
-            _is_text(table, text_field, feature_field)  # a missing text field fails before any scoring
-        labels = table.labels(label_field) if label_field is not None else None
-        scored = score_examples(table, method, text_field=text_field, label_field=label_field,
-                                feature_field=feature_field, threshold=threshold, clusters=clusters, seed=seed,
-                                encoder=encoder, reference_lm=reference_lm, batch_size=batch_size,
-                                max_length=max_length, backend=backend, work_dir=work_dir, threads=threads,
-                                progress=progress)
-        kept = select_kept(scored, keep, mode=mode, band_start=band_start, labels=labels,
-                           class_balanced=class_balanced, random_fraction=random_fraction, hard_cut=hard_cut,
-                           seed=seed)
+    try:
+        with ResourceMonitor() as monitor:
+            table = read_data(input, id_field=id_field, text_field=text_field)
+            n = len(table)
+            if n == 0:
+                raise PrunekitError(f"input '{table.source}' has no examples; give at least one")
+            out_format = None if out is None else output_format(table, out)
+            if keep is not None:
+                selectors.keep_count(n, keep)
+            if method != "random":
+                _is_text(table, text_field, feature_field)  # a missing text field fails before any scoring
+            labels = table.labels(label_field) if label_field is not None else None
+            scored = score_examples(table, method, text_field=text_field, label_field=label_field,
+                                    feature_field=feature_field, threshold=threshold, clusters=clusters, seed=seed,
+                                    encoder=encoder, reference_lm=reference_lm, batch_size=batch_size,
+                                    max_length=max_length, backend=backend, work_dir=work_dir, threads=threads,
+                                    progress=progress)
+            kept = select_kept(scored, keep, mode=mode, band_start=band_start, labels=labels,
+                               class_balanced=class_balanced, random_fraction=random_fraction, hard_cut=hard_cut,
+                               seed=seed)
+    finally:
+        torch.set_num_threads(previous_threads)
     keep_mask = np.zeros(n, dtype=bool)
     keep_mask[kept] = True
     target = None
