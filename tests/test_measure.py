@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 import time
@@ -99,6 +100,47 @@ def test_perplexity_progress_bar_goes_to_stderr_only_when_asked(capsys):
     perplexity(FixedLogits(), windows, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and "perplexity" in err
+
+
+def test_perplexity_on_another_device_goes_block_by_block_and_equals_the_plain_forward(monkeypatch):
+    """On a device other than the model's, each block runs over every window before the next one (pruning's
+    placement: one block on the device at a time) and the number is the plain forward's. The CPU stands in for the
+    other device."""
+    model = tiny_llama()
+    windows = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(1))
+    order = []
+    for index, block in enumerate(model.model.layers):
+        block.self_attn.q_proj.register_forward_pre_hook(lambda module, args, index=index: order.append(index))
+    plain = perplexity(model, windows, batch_size=2, progress=False)
+    assert order == [0, 1] * 3
+    order.clear()
+    # the module, not the function of the same name that prunekit.measure exports
+    module = importlib.import_module("prunekit.measure.perplexity")
+    monkeypatch.setattr(module, "_same_device", lambda requested, actual: False)
+    blockwise = perplexity(model, windows, batch_size=2, device="cpu", progress=False)
+    assert order == [0] * 3 + [1] * 3
+    assert blockwise["nll"] == pytest.approx(plain["nll"], rel=1e-6)
+
+
+def test_perplexity_on_another_device_computes_there_from_copies_and_leaves_the_model_in_place():
+    """`meta` holds no data, so transformers' mask code stops the run early; by then the embedding has computed on
+    the requested device with a copy of its weight (not the model's CPU weight), and the failed run has left the
+    model where and as it was."""
+    model = tiny_llama()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    seen = []
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].device.type, module.weight.device.type)))
+    with pytest.raises(RuntimeError, match="meta"):
+        perplexity(model, torch.randint(0, VOCAB, (3, 12)), device="meta", progress=False)
+    assert seen == [("meta", "meta")]
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all("forward" not in vars(block) and not block._forward_pre_hooks for block in model.model.layers)
+
+
+def test_perplexity_on_another_device_needs_a_supported_decoder():
+    with pytest.raises(PrunekitError, match="evaluating on meta a model that lives on cpu goes block by block"):
+        perplexity(FixedLogits(), torch.randint(0, 10, (2, 4)), device="meta", progress=False)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import torch
 from prunekit.budget import Pattern, parse_pattern, weight_budget
 from prunekit.errors import PrunekitError
 from prunekit.measure import nm_violations
-from prunekit.select import lowest_mask, nm_mask, owl_sparsities, row_mask, select_mask
+from prunekit.select import fraction_count, lowest_mask, nm_mask, row_mask, select_mask
 
 
 @pytest.mark.parametrize("text, n, m", [("2:4", 2, 4), ("4:8", 4, 8), (" 1 : 3 ", 1, 3)])
@@ -81,14 +81,7 @@ def test_select_mask_dispatch():
         select_mask(scores, 0.5, Pattern(), "column")
 
 
-def test_owl_sparsities_keep_the_mean_and_favour_outlier_layers():
-    ratios = [0.01, 0.05, 0.02, 0.10]
-    result = owl_sparsities(ratios, 0.5, 0.08)
-    assert sum(result) / 4 == pytest.approx(0.5, abs=1e-12)
-    assert max(result) - min(result) == pytest.approx(0.16)
-    assert result[3] == min(result) and result[0] == max(result)  # most outliers -> least pruned
-    sized = owl_sparsities(ratios, 0.5, 0.08, sizes=[1, 2, 3, 4])
-    assert sum(s * w for s, w in zip(sized, [1, 2, 3, 4], strict=True)) / 10 == pytest.approx(0.5, abs=1e-12)
-    assert owl_sparsities([0.1, 0.1], 0.5, 0.08) == [0.5, 0.5]
-    with pytest.raises(PrunekitError, match="owl-limit"):
-        owl_sparsities(ratios, 0.95, 0.08)
+def test_fraction_count_rounds_halves_up():
+    assert [fraction_count(n, 0.5) for n in (1, 3, 5, 7)] == [1, 2, 3, 4]  # round() would give 0, 2, 2, 4
+    assert fraction_count(10, 0.0) == 0 and fraction_count(10, 1.0) == 10
+    assert fraction_count(100, 0.3) == 30  # 100 * 0.3 is 30.000000000000004 in floating point

@@ -49,20 +49,34 @@ def pruned_perplexity(smollm2, eval_ids):
     return run
 
 
+@pytest.fixture(scope="module")
+def dense_perplexity(smollm2, eval_ids):
+    return perplexity(smollm2.model, eval_ids, progress=False)["perplexity"]
+
+
 @pytest.mark.parametrize("budget", ["0.5", "2:4"])
-def test_wanda_and_sparsegpt_clearly_beat_magnitude(pruned_perplexity, smollm2, eval_ids, budget):
-    dense = perplexity(smollm2.model, eval_ids, progress=False)["perplexity"]
+def test_wanda_and_sparsegpt_clearly_beat_magnitude(pruned_perplexity, dense_perplexity, budget):
     magnitude = pruned_perplexity("magnitude", budget)
     wanda = pruned_perplexity("wanda", budget)
     sparsegpt = pruned_perplexity("sparsegpt", budget)
-    assert dense < wanda and dense < sparsegpt
+    assert dense_perplexity < wanda and dense_perplexity < sparsegpt
     assert wanda < 0.7 * magnitude, (wanda, magnitude)
     assert sparsegpt < 0.7 * magnitude, (sparsegpt, magnitude)
 
 
-def test_wanda_at_50_percent_stays_within_reach_of_dense(pruned_perplexity, smollm2, eval_ids):
-    dense = perplexity(smollm2.model, eval_ids, progress=False)["perplexity"]
-    assert pruned_perplexity("wanda", "0.5") < 4.0 * dense
+# Perplexity / dense perplexity measured with these settings (dense 13.28; torch 2.13 CPU, 2 threads), rounded
+# down; the thresholds are 15% above them, so a 15% regression of any method fails.
+MEASURED_RATIO = {
+    ("magnitude", "0.5"): 24.29, ("wanda", "0.5"): 2.755, ("sparsegpt", "0.5"): 2.494,
+    ("magnitude", "2:4"): 106.0, ("wanda", "2:4"): 10.31, ("sparsegpt", "2:4"): 4.694,
+}
+
+
+@pytest.mark.parametrize("method, budget", list(MEASURED_RATIO))
+def test_pruned_perplexity_stays_within_15_percent_of_the_measured_value(pruned_perplexity, dense_perplexity,
+                                                                          method, budget):
+    ratio = pruned_perplexity(method, budget) / dense_perplexity
+    assert ratio < 1.15 * MEASURED_RATIO[method, budget], (method, budget, ratio)
 
 
 def test_sparsegpt_reconstructs_a_real_layer_better_than_wanda(smollm2):
@@ -79,12 +93,13 @@ def test_sparsegpt_reconstructs_a_real_layer_better_than_wanda(smollm2):
     stats = InputStats(x.shape[1], hessian=True)
     stats.add(x)
     w = projection_weight(layer).clone()
-    for pattern in (Pattern(), Pattern(2, 4)):
+    # Measured error ratios 0.636 (unstructured) and 0.656 (2:4); the bounds are 15% above them.
+    for pattern, bound in ((Pattern(), 0.73), (Pattern(2, 4), 0.75)):
         wanda = w * select_mask(wanda_scores(w, stats.norms), 0.5, pattern, "row")
         sparsegpt, _ = sparsegpt_prune(w, stats.hessian, sparsity=0.5, pattern=pattern)
         err_wanda = (x @ (w - wanda).t()).norm()
         err_sparsegpt = (x @ (w - sparsegpt).t()).norm()
-        assert err_sparsegpt < 0.9 * err_wanda, (str(pattern), err_sparsegpt, err_wanda)
+        assert err_sparsegpt < bound * err_wanda, (str(pattern), err_sparsegpt, err_wanda)
 
 
 def test_zero_sparsity_keeps_the_real_model_identical(smollm2, eval_ids):

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.training import Masks, prunable_weights
+from prunekit.training import Masks, target_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,7 +18,7 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def half_masks(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(w.shape, generator=generator) > 0.5 for n, w in prunable_weights(model).items()}
+    return {n: torch.rand(w.shape, generator=generator) > 0.5 for n, w in target_weights(model).items()}
 
 
 def batch(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, masks:
 
 
 def pruned_values(model: nn.Module, keep: dict[str, torch.Tensor]) -> torch.Tensor:
-    weights = prunable_weights(model)
+    weights = target_weights(model)
     return torch.cat([weights[n].detach()[~m] for n, m in keep.items()])
 
 
@@ -50,11 +50,14 @@ OPTIMIZERS = {
 }
 
 
-def test_prunable_weights_are_linear_and_conv_weights_only():
+def test_target_weights_of_any_network_are_its_linear_and_conv_weights_once():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Conv1d(8, 8, 3), nn.BatchNorm1d(8), nn.Conv2d(1, 2, 3),
                           nn.LayerNorm(4), nn.Linear(4, 2))
-    assert list(prunable_weights(model)) == ["1.weight", "3.weight", "5.weight"]
-    assert list(prunable_weights(model, include_types=(nn.Linear,))) == ["5.weight"]
+    targets = target_weights(model)
+    assert list(targets) == ["1.weight", "3.weight", "5.weight"]
+    assert all(targets[n] is p for n, p in model.named_parameters() if n in targets)
+    shared = nn.Linear(4, 4)
+    assert list(target_weights(nn.Sequential(shared, nn.ReLU(), shared))) == ["0.weight"]
 
 
 def test_all_true_masks_are_identity():
@@ -73,11 +76,11 @@ def test_update_zeroes_weights_and_gradients_and_is_registered_as_buffers():
     masks = Masks(model)
     keep = half_masks(model)
     masks.update(keep)
-    for name, w in prunable_weights(model).items():
+    for name, w in target_weights(model).items():
         assert torch.equal(w, w * keep[name])
     x, y = batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
-    for name, w in prunable_weights(model).items():
+    for name, w in target_weights(model).items():
         assert w.grad[~keep[name]].abs().sum() == 0
         assert w.grad[keep[name]].abs().sum() > 0
     assert {"0.weight_mask", "2.weight_mask", "4.weight_mask"} <= set(model.state_dict())
@@ -136,12 +139,12 @@ def test_gradient_accumulation_adds_only_masked_gradients():
         model.zero_grad()
         x, y = batch(micro, n=8)
         nn.functional.cross_entropy(model(x), y).backward()
-        singles.append({n: w.grad.clone() for n, w in prunable_weights(model).items()})
+        singles.append({n: w.grad.clone() for n, w in target_weights(model).items()})
     model.zero_grad()
     for micro in range(4):
         x, y = batch(micro, n=8)
         nn.functional.cross_entropy(model(x), y).backward()
-    for name, w in prunable_weights(model).items():
+    for name, w in target_weights(model).items():
         assert w.grad[~keep[name]].abs().sum() == 0
         torch.testing.assert_close(w.grad, sum(s[name] for s in singles))
     torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2).step()
@@ -162,8 +165,8 @@ def test_bfloat16_autocast_keeps_pruned_weights_at_zero():
             logits = model(x)
         assert logits.dtype == torch.bfloat16
         nn.functional.cross_entropy(logits.float(), y).backward()
-        assert all(w.grad.dtype == torch.float32 for w in prunable_weights(model).values())
-        assert all(w.grad[~keep[n]].abs().sum() == 0 for n, w in prunable_weights(model).items())
+        assert all(w.grad.dtype == torch.float32 for w in target_weights(model).values())
+        assert all(w.grad[~keep[n]].abs().sum() == 0 for n, w in target_weights(model).items())
         opt.step()
         masks.apply()
     assert torch.count_nonzero(pruned_values(model, keep)) == 0
@@ -205,7 +208,7 @@ def test_finalize_bakes_zeros_and_leaves_a_plain_model():
     assert set(model.state_dict()) == set(mlp().state_dict())
     # Hooks are gone: pruned entries now receive gradient again.
     nn.functional.cross_entropy(model(x), y).backward()
-    assert any(w.grad[~keep[n]].abs().sum() > 0 for n, w in prunable_weights(model).items())
+    assert any(w.grad[~keep[n]].abs().sum() > 0 for n, w in target_weights(model).items())
     assert torch.count_nonzero(pruned_values(model, keep)) == 0
     with pytest.raises(PrunekitError, match="finalized"):
         masks.apply()
@@ -221,7 +224,7 @@ def test_gradient_observer_sees_the_dense_gradient():
     masks.observe_gradients(lambda name, grad: seen.__setitem__(name, grad.clone()))
     x, y = batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
-    for name, w in prunable_weights(model).items():
+    for name, w in target_weights(model).items():
         assert seen[name][~keep[name]].abs().sum() > 0
         assert torch.equal(w.grad, seen[name] * keep[name])
 
@@ -238,7 +241,7 @@ def test_masks_follow_the_model_to_another_dtype():
         x, y = batch(step)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x.double()), y).backward()
-        assert all(w.grad[~keep[n]].abs().sum() == 0 for n, w in prunable_weights(model).items())
+        assert all(w.grad[~keep[n]].abs().sum() == 0 for n, w in target_weights(model).items())
         opt.step()
         masks.apply()
     assert torch.count_nonzero(pruned_values(model, keep)) == 0

@@ -161,7 +161,7 @@ def _tiny_recipe(**changes) -> dict:
     ({"schedule.warmup": 3}, "unknown recipe key 'schedule.warmup' for schedule 'gradual-magnitude'"),
     ({"budget.sparsity": 1.0}, r"'budget.sparsity' = 1.0 must be a fraction removed in \[0, 1\)"),
     ({"budget.sparsity": "0.5"}, "'budget.sparsity' = '0.5'"),
-    ({"budget.allocation": "owl"}, "'budget.allocation' = 'owl' is not an allocation; accepted: uniform"),
+    ({"budget.allocation": "outliers"}, "'budget.allocation' = 'outliers' is not an allocation; accepted: uniform"),
     ({"schedule.pruner": "obs"}, "'schedule.pruner' = 'obs' is not a schedule; accepted: dense, one-shot"),
     ({"schedule.frequency": 2.5}, "'schedule.frequency' = 2.5 must be of type int"),
     ({"model.net": "vgg16"}, "'model.net' = 'vgg16' is not a network"),

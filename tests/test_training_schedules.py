@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.select import removal_count
+from prunekit.select import fraction_count
 from prunekit.training import (
     SET,
     GradualMagnitude,
@@ -15,7 +15,7 @@ from prunekit.training import (
     PruneAtInit,
     RigL,
     cubic_sparsity,
-    prunable_weights,
+    target_weights,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, mi
 
 
 def total_weights(model: nn.Module) -> int:
-    return sum(w.numel() for w in prunable_weights(model).values())
+    return sum(w.numel() for w in target_weights(model).values())
 
 
 def assert_pruned_are_zero(pruner) -> None:
@@ -68,9 +68,9 @@ def test_gradual_magnitude_is_exact_and_monotone_at_every_step(allocation):
         if allocation == "uniform":
             for name, layer in pruner.masks.sparsity()["layers"].items():
                 numel = pruner.masks.masks[name].numel()
-                assert layer == removal_count(numel, target) / numel
+                assert layer == fraction_count(numel, target) / numel
         else:
-            assert pruner.sparsity() == removal_count(total, target) / total
+            assert pruner.sparsity() == fraction_count(total, target) / total
         masks = pruner.masks.masks
         assert all(not (masks[n] & ~previous[n]).any() for n in masks)  # nothing pruned comes back
         previous = {n: m.clone() for n, m in masks.items()}
@@ -86,7 +86,7 @@ def test_gradual_magnitude_is_exact_and_monotone_at_every_step(allocation):
 def test_gradual_magnitude_with_initial_sparsity_prunes_at_construction():
     model = mlp()
     pruner = GradualMagnitude(model, 0.8, start_step=0, end_step=10, frequency=5, initial_sparsity=0.5)
-    assert pruner.sparsity() == removal_count(total_weights(model), 0.5) / total_weights(model)
+    assert pruner.sparsity() == fraction_count(total_weights(model), 0.5) / total_weights(model)
     with pytest.raises(PrunekitError, match="initial_sparsity"):
         GradualMagnitude(mlp(), 0.5, 0, 10, 5, initial_sparsity=0.6)
     with pytest.raises(PrunekitError, match="start_step"):
@@ -104,7 +104,7 @@ def test_one_shot_then_fine_tune_keeps_exact_zeros(optimizer):
         pruner.step()
     assert all(torch.equal(keep[n], m) for n, m in pruner.masks.masks.items())
     assert_pruned_are_zero(pruner)
-    assert pruner.sparsity() == removal_count(total_weights(model), 0.75) / total_weights(model)
+    assert pruner.sparsity() == fraction_count(total_weights(model), 0.75) / total_weights(model)
 
 
 def test_iterative_magnitude_rewinds_exactly_to_step_k():
@@ -126,7 +126,7 @@ def test_iterative_magnitude_rewinds_exactly_to_step_k():
         assert pruner.round == round_index and pruner.step_count == 4
         target = 1 - 0.1 ** (round_index / 3)
         assert pruner.target_sparsity() == pytest.approx(target)
-        assert pruner.sparsity() == removal_count(total, target) / total
+        assert pruner.sparsity() == fraction_count(total, target) / total
         masks = pruner.masks.masks
         assert all(not (masks[n] & ~previous[n]).any() for n in masks)
         previous = {n: m.clone() for n, m in masks.items()}
@@ -149,10 +149,10 @@ def test_learning_rate_rewinding_keeps_the_trained_weights():
     for step in range(8):
         train_step(model, opt, step)
         pruner.step()
-    trained = {n: w.detach().clone() for n, w in prunable_weights(model).items()}
+    trained = {n: w.detach().clone() for n, w in target_weights(model).items()}
     pruner.next_round()
     for name, mask in pruner.masks.masks.items():
-        assert torch.equal(prunable_weights(model)[name], trained[name] * mask)
+        assert torch.equal(target_weights(model)[name], trained[name] * mask)
     assert pruner.step_count == 8
 
 
@@ -160,11 +160,11 @@ def test_movement_scores_accumulate_minus_weight_times_gradient():
     model = mlp()
     opt = sgd(model)
     pruner = Movement(model, 0.5, start_step=3, end_step=3, frequency=1)
-    expected = {n: torch.zeros_like(w) for n, w in prunable_weights(model).items()}
+    expected = {n: torch.zeros_like(w) for n, w in target_weights(model).items()}
     for step in range(1, 3):
-        weights = {n: w.detach().clone() for n, w in prunable_weights(model).items()}
+        weights = {n: w.detach().clone() for n, w in target_weights(model).items()}
         train_step(model, opt, step, micro_batches=2)
-        for name, w in prunable_weights(model).items():
+        for name, w in target_weights(model).items():
             expected[name] -= weights[name] * w.grad
         pruner.step()
         assert pruner.sparsity() == 0.0
@@ -173,7 +173,7 @@ def test_movement_scores_accumulate_minus_weight_times_gradient():
     train_step(model, opt, 3)
     pruner.step()
     for name, mask in pruner.masks.masks.items():  # hard movement: per-layer top-k of the scores
-        assert int((~mask).sum()) == removal_count(mask.numel(), 0.5)
+        assert int((~mask).sum()) == fraction_count(mask.numel(), 0.5)
         assert pruner.scores[name][~mask].max() <= pruner.scores[name][mask].min()
 
 
@@ -185,7 +185,7 @@ def test_soft_movement_meets_the_overall_budget_with_one_threshold():
     for step in range(1, 13):
         train_step(model, opt, step)
         pruner.step()
-        assert pruner.sparsity() == removal_count(total, pruner.target_sparsity()) / total
+        assert pruner.sparsity() == fraction_count(total, pruner.target_sparsity()) / total
         assert_pruned_are_zero(pruner)
         if pruner.is_pruning_step(step) and step > 2:  # the threshold holds where it prunes; scores move on
             masks, scores = pruner.masks.masks, pruner.scores
@@ -269,7 +269,7 @@ def test_prune_at_init_is_exact_and_holds(scorer):
     batches = [batch(100), batch(101)]
     pruner = PruneAtInit(model, 0.9, scorer, batches=batches, allocation="global")
     total = total_weights(model)
-    assert pruner.sparsity() == removal_count(total, 0.9) / total
+    assert pruner.sparsity() == fraction_count(total, 0.9) / total
     assert pruner.target_sparsity(50) == 0.9
     opt = sgd(model)
     for step in range(20):
@@ -290,8 +290,8 @@ def test_finalize_leaves_identical_outputs_and_no_masks():
     assert pruner.finalize() is model
     assert torch.equal(model(x), before)
     assert not any(k.endswith("_mask") for k in model.state_dict())
-    zeros = sum(int((w == 0).sum()) for w in prunable_weights(model).values())
-    assert zeros >= removal_count(total_weights(model), 0.7)
+    zeros = sum(int((w == 0).sum()) for w in target_weights(model).values())
+    assert zeros >= fraction_count(total_weights(model), 0.7)
 
 
 def test_pruners_refuse_bad_input():

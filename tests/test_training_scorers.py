@@ -8,17 +8,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from prunekit.allocation import allocate
 from prunekit.errors import PrunekitError
 from prunekit.training import (
+    OneShot,
     PruneAtInit,
     check_layer_collapse,
     grasp_scores,
-    magnitude_scores,
-    prunable_weights,
-    random_scores,
     snip_scores,
     synflow_scores,
+    target_weights,
 )
+from prunekit.weights.scores import magnitude_scores, random_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +56,7 @@ def test_snip_is_gradient_times_weight_and_leaves_the_model_untouched():
     before = state(model)
     scores = snip_scores(model, batches)
     assert_untouched(model, before)
-    for name, w in prunable_weights(reference).items():
+    for name, w in target_weights(reference).items():
         torch.testing.assert_close(scores[name], (w.grad * w).abs())
 
 
@@ -66,7 +67,7 @@ def test_grasp_is_weight_times_hessian_gradient():
     before = state(model)
     scores = grasp_scores(model, batches, temperature=2.0)
     assert_untouched(model, before)
-    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    weights = {n: w.detach() for n, w in target_weights(model).items()}
 
     def loss(params):
         total = 0.0
@@ -110,7 +111,7 @@ def test_synflow_pruning_is_invariant_to_the_batches_given():
 
 def test_iterative_synflow_reaches_the_exact_sparsity_without_collapse():
     model = cnn()
-    total = sum(w.numel() for w in prunable_weights(model).values())
+    total = sum(w.numel() for w in target_weights(model).values())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pruner = PruneAtInit(model, 0.98, "synflow", input_shape=(1, 6, 6), rounds=20)
@@ -119,13 +120,18 @@ def test_iterative_synflow_reaches_the_exact_sparsity_without_collapse():
     assert check_layer_collapse(pruner.masks.masks) == []
 
 
-def test_magnitude_and_random_scores():
-    model = cnn()
-    for name, w in prunable_weights(model).items():
-        assert torch.equal(magnitude_scores(model)[name], w.detach().abs())
-    a, b, c = random_scores(model, 3), random_scores(model, 3), random_scores(model, 4)
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert not torch.equal(a["0.weight"], c["0.weight"])
+@pytest.mark.parametrize("pruner", [OneShot, PruneAtInit])
+def test_magnitude_and_random_pruning_use_the_one_weight_scorers(pruner):
+    """Data-free pruning scores each target with prunekit.weights.scores, random ones from one seeded stream."""
+    weights = {n: w.detach().clone() for n, w in target_weights(cnn()).items()}
+    generator = torch.Generator().manual_seed(3)
+    expected = {"magnitude": allocate({n: magnitude_scores(w) for n, w in weights.items()}, 0.7),
+                "random": allocate({n: random_scores(w, generator) for n, w in weights.items()}, 0.7)}
+    for scorer, keep in expected.items():
+        masks = pruner(cnn(), 0.7, scorer=scorer, allocation="global", seed=3).masks.masks
+        assert all(torch.equal(masks[n], keep[n]) for n in weights), scorer
+    other_seed = pruner(cnn(), 0.7, scorer="random", allocation="global", seed=4).masks.masks
+    assert not torch.equal(other_seed["0.weight"], expected["random"]["0.weight"])
 
 
 def test_collapse_check_warns_only_on_empty_layers():

@@ -1,9 +1,18 @@
-"""Tiny randomly initialised causal LMs of every supported family, for fast tests."""
+"""Tiny randomly initialised causal LMs of every supported family, for fast tests.
+
+Families that mix layer types get them here too, with windows shorter than the test sequences, so that a block
+replayed with another block's arguments gives a different result: Gemma 2 alternates sliding and full attention,
+Gemma 3 has one full-attention layer in six with its own (global) rotary embedding, Qwen2/Qwen3 slide from layer 2
+on, SmolLM3 drops the rotary embedding (and slides) on every fourth layer, Mistral slides everywhere.
+"""
 
 import torch
 import transformers
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "opt", "gpt2", "gpt_neox", "phi"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo", "olmo2",
+            "opt", "gpt2", "gpt_neox", "phi"]
+
+WINDOW = 8  # sliding window, in tokens: tests that need windowed layers to matter use longer sequences
 
 
 def tiny_causal_lm(family: str = "llama", *, vocab: int = 128, layers: int = 3, seed: int = 0,
@@ -11,16 +20,24 @@ def tiny_causal_lm(family: str = "llama", *, vocab: int = 128, layers: int = 3, 
     """A 64-wide model of `family` in eval mode; equal arguments give equal weights."""
     common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=4, hidden_size=64,
                   tie_word_embeddings=tie)
+    gqa = dict(common, intermediate_size=128, num_key_value_heads=2)
+    sliding = dict(use_sliding_window=True, sliding_window=WINDOW)
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the defaults lie outside a tiny vocabulary
     configs = {
-        "llama": lambda: transformers.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2),
-        "mistral": lambda: transformers.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2),
-        "qwen2": lambda: transformers.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2),
-        "gemma": lambda: transformers.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=1,
-                                                  head_dim=16),
+        "llama": lambda: transformers.LlamaConfig(**gqa),
+        "mistral": lambda: transformers.MistralConfig(**gqa, sliding_window=WINDOW),
+        "qwen2": lambda: transformers.Qwen2Config(**gqa, **sliding, max_window_layers=2),
+        "qwen3": lambda: transformers.Qwen3Config(**gqa, **sliding, max_window_layers=2, head_dim=16),
+        "gemma": lambda: transformers.GemmaConfig(**dict(gqa, num_key_value_heads=1), head_dim=16),
+        "gemma2": lambda: transformers.Gemma2Config(**gqa, head_dim=16, sliding_window=WINDOW),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(**gqa, head_dim=16, sliding_window=WINDOW),
+        "smollm3": lambda: transformers.SmolLM3Config(**gqa, **sliding, **tokens),
+        "olmo": lambda: transformers.OlmoConfig(**gqa, **tokens),
+        "olmo2": lambda: transformers.Olmo2Config(**gqa, **tokens),
         "opt": lambda: transformers.OPTConfig(**common, ffn_dim=128, word_embed_proj_dim=64,
                                               max_position_embeddings=64),
         "gpt2": lambda: transformers.GPT2Config(vocab_size=vocab, n_layer=layers, n_head=4, n_embd=64, n_positions=64,
-                                                tie_word_embeddings=tie),
+                                                tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(**common, intermediate_size=128),
         "phi": lambda: transformers.PhiConfig(**common, intermediate_size=128),
     }

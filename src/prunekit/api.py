@@ -8,29 +8,20 @@ import torch
 from torch import nn
 
 from prunekit.adapters import adapter_for, projection_weight
+from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsities, check_allocation
 from prunekit.artifacts import load_pruned, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
 from prunekit.corpus import calibration_tokens, evaluation_windows
 from prunekit.errors import PrunekitError
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
+from prunekit.targets import projection_weights, target_weights
 from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
 from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
+from prunekit.weights.scores import magnitude_scores
 
-ALLOCATIONS = ("uniform", "owl")
-
-__all__ = ["ALLOCATIONS", "METHODS", "check_prune_options", "evaluate", "load", "prune", "save", "target_weights"]
-
-
-def target_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights one-shot pruning targets: every projection inside the transformer blocks, by full name."""
-    adapter = adapter_for(model)
-    prefix = adapter.block_prefix(model)
-    return {
-        f"{prefix}.{index}.{name}": projection_weight(module)
-        for index, block in enumerate(adapter.block_list(model))
-        for name, module in adapter.projections(block).items()
-    }
+__all__ = ["ALLOCATIONS", "METHODS", "ONESHOT_ALLOCATIONS", "check_lengths", "check_prune_options", "evaluate", "load",
+           "prune", "save", "target_weights"]
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -83,8 +74,10 @@ def evaluate(
     """Perplexity of a causal LM on non-overlapping `seq_len` windows of `data` (held-out split for assets).
 
     `data` is a text asset name, a local file, a list of strings, or a tensor of token ids [windows, seq_len]
-    used as given. Returns a result record with the protocol card.
+    used as given. `device` (default: where the model is) is placed as in `prune`: another device computes one
+    block at a time while the model stays where it is. Returns a result record with the protocol card.
     """
+    check_lengths(model, eval_seq_len=None if isinstance(data, torch.Tensor) else seq_len, batch_size=batch_size)
     device = _device(model, device)
     with ResourceMonitor() as monitor:
         metrics, info = _perplexity_metrics(model, tokenizer, data, seq_len, windows, batch_size, device, progress)
@@ -102,14 +95,53 @@ def check_prune_options(
     """Validate the model-independent options of `prune`, so that callers can fail before loading a model."""
     method_spec = get_method(method)
     budget = weight_budget(sparsity, pattern)
-    if allocation not in ALLOCATIONS:
-        raise PrunekitError(f"allocation '{allocation}' is unknown; choose one of {', '.join(ALLOCATIONS)}")
-    if allocation == "owl" and budget.pattern.is_nm:
-        raise PrunekitError(f"OWL allocates a different sparsity to each block, but pattern {budget.pattern} fixes "
-                            "every layer at the same sparsity; use an unstructured sparsity with --allocation owl")
+    check_allocation(allocation, ONESHOT_ALLOCATIONS, "one-shot pruning (erk and er depend only on shapes, equal "
+                     "in every block; global-min is for training-time pruning)")
+    if allocation != "uniform" and budget.pattern.is_nm:
+        raise PrunekitError(f"{allocation.upper()} allocates a different sparsity to each block, but pattern "
+                            f"{budget.pattern} fixes every layer at the same sparsity; use an unstructured sparsity "
+                            f"with --allocation {allocation}")
     if blocksize < 1 or not 0 <= damping < 1:
         raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
     return method_spec, budget
+
+
+def _max_positions(config) -> int | None:
+    """The longest sequence a model's positions cover (absolute embeddings or its stated rotary range)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(
+    model: nn.Module | str | Path, *, calibration_seq_len: int | None = None, eval_seq_len: int | None = None,
+    batch_size: int = 1,
+) -> None:
+    """Refuse sequence lengths beyond the model's positions, and batch sizes below 1, before any work.
+
+    `model` is a loaded model or a source (asset name, local directory): a source's config is read without
+    loading weights, and the check is skipped when no config is at hand yet (an asset not yet converted).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunekitError(f"batch size {batch_size!r} must be an integer >= 1")
+    if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+    else:
+        from prunekit.assets import model_config
+
+        config = model_config(model)
+    limit = None if config is None else _max_positions(config)
+    for what, length in (("calibration", calibration_seq_len), ("evaluation", eval_seq_len)):
+        if length is None:
+            continue
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise PrunekitError(f"{what} sequence length {length!r} must be an integer >= 2")
+        if limit is not None and length > limit:
+            raise PrunekitError(f"{what} sequence length {length} exceeds the model's {limit} positions; "
+                                f"use at most {limit}")
 
 
 def prune(
@@ -135,28 +167,38 @@ def prune(
     device: str | torch.device | None = None,
     progress: bool = True,
     model_source: str | None = None,
-) -> dict:
+    return_masks: bool = False,
+) -> dict | tuple[dict, dict[str, torch.Tensor]]:
     """Prune the weights of a causal LM in place, one transformer block at a time, and return the result record.
 
     method: magnitude, random, wanda or sparsegpt.
     sparsity: fraction of each targeted weight matrix set to zero, in [0, 1). With an N:M `pattern` it may be
         omitted (it is 1 - N/M).
     pattern: 'unstructured' (default) or 'N:M' (keep N of every M consecutive weights along the input dimension).
-    allocation: 'uniform' (every block at `sparsity`) or 'owl' (outlier-weighted per-block sparsities whose
-        mean is `sparsity`; `owl_threshold` is the outlier multiple M, `owl_limit` the largest deviation lambda).
+    allocation: the sparsity of each block (`prunekit.allocation`), whose parameter-weighted mean is `sparsity`:
+        'uniform' (every block at `sparsity`); 'owl' (outlier-weighted, from the dense model's Wanda scores on the
+        calibration data; `owl_threshold` is the outlier multiple M, `owl_limit` the largest deviation lambda);
+        'global' or 'lamp' (each block loses the share that a global ranking of the dense weights' magnitudes, or
+        of their LAMP scores, removes from it). Within a block, `method` selects the weights.
     calibration: asset name, local file, list of strings, or a tensor of token ids [samples, length] used
         exactly as given; `calibration_samples` windows of `calibration_seq_len` tokens are drawn with `seed`.
     evaluation: if given (same forms as calibration), dense and pruned perplexity are measured on it.
     device: where each block is computed (default: where the model is); activations stay on the CPU when the
-        model lives there.
+        model lives there. Evaluation is placed the same way (see `prunekit.measure.perplexity`).
+    return_masks: also return the keep-masks, `(record, masks)`: {parameter name: bool tensor in the parameter's
+        layout} for every targeted weight, which `prunekit.training.Masks` holds through fine-tuning
+        (`held = Masks(model, masks); held.update(masks)`). For SparseGPT they are the masks its kernel selected.
+        Off by default: one bool per targeted weight (about 100 MB for a 135M-parameter model).
 
     Every option is checked before any weight changes. An error found while pruning (non-finite activations
     in a later block) leaves the blocks before it pruned: reload the model before retrying.
     """
     method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping)
+    check_lengths(model, calibration_seq_len=None if isinstance(calibration, torch.Tensor) else calibration_seq_len,
+                  eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
+                  batch_size=batch_size)
     adapter = adapter_for(model)
-    weights = target_weights(model)
-    for name, weight in weights.items():
+    for name, weight in projection_weights(model).items():
         budget.pattern.check_width(weight.shape[1], name)
         if not torch.isfinite(weight).all():
             raise PrunekitError(f"weight '{name}' holds NaN or inf; prunekit will not prune a broken model")
@@ -194,9 +236,14 @@ def prune(
             if allocation == "owl":
                 plan = owl_plan(model, adapter, block_inputs(), sparsity=budget.sparsity, threshold=owl_threshold,
                                 limit=owl_limit, device=compute, progress=progress)
-            prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities, pattern=budget.pattern,
-                               inputs=block_inputs() if method_spec.statistics is not None else None,
-                               options=options, device=compute, progress=progress)
+            elif allocation != "uniform":
+                magnitudes = [{n: magnitude_scores(projection_weight(m)) for n, m in adapter.projections(b).items()}
+                              for b in adapter.block_list(model)]
+                plan = BlockPlan(block_sparsities(magnitudes, budget.sparsity, allocation))
+            masks = prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities,
+                                       pattern=budget.pattern,
+                                       inputs=block_inputs() if method_spec.statistics is not None else None,
+                                       options=options, device=compute, progress=progress, keep_masks=return_masks)
     finally:
         model.train(was_training)
 
@@ -220,11 +267,14 @@ def prune(
     if allocation == "owl":
         method_card.update(owl_threshold=owl_threshold, owl_limit=owl_limit,
                            owl_block_sparsities=plan.sparsities, owl_outlier_ratios=plan.outlier_ratios)
-    return result_record(
+    elif allocation != "uniform":
+        method_card["block_sparsities"] = plan.sparsities
+    record = result_record(
         model=model_card, method=method_card, calibration=calib.info if calib else None,
         evaluation=evaluation_info, metrics=metrics,
         resources={"prune": monitor.as_dict(), "device": str(compute), "threads": torch.get_num_threads()},
     )
+    return (record, masks) if return_masks else record
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, overwrite: bool = False) -> Path:

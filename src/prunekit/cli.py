@@ -7,49 +7,76 @@ prints the result record on stdout.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
-from prunekit import api
-from prunekit.data import cli as data_cli
+from prunekit import names
+from prunekit.artifacts.files import check_distinct, check_output_dir
 from prunekit.errors import PrunekitError
-from prunekit.training import cli as training_cli
+
+# prunekit's modules import torch and transformers (seconds); the parser does not, so that `--help` and argument
+# errors answer at once. `prunekit.api` is imported when a verb runs.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with prunekit's error style: one line naming the option and the value, exit code 2."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+        self.exit(2, f"prunekit: error: {message} (see '{self.prog} --help')\n")
+
+
+def count(minimum: int):
+    """An argparse type for whole numbers of at least `minimum` (sizes, counts)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="asset name (smollm2-135m) or a local Hugging Face directory")
     parser.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the result record as JSON on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _eval_options(parser: argparse.ArgumentParser, prefix: str) -> None:
-    parser.add_argument(f"--{prefix}seq-len", type=int, default=512, help="tokens per evaluation window")
-    parser.add_argument(f"--{prefix}windows", type=int, default=64,
+    parser.add_argument(f"--{prefix}seq-len", type=count(2), default=512, help="tokens per evaluation window")
+    parser.add_argument(f"--{prefix}windows", type=count(0), default=64,
                         help="number of non-overlapping windows evaluated (0 = all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Prune neural networks and measure the result.")
+    parser = ArgumentParser(prog="prunekit", description="Prune neural networks and measure the result.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("prune", help="one-shot weight pruning of a causal LM, saved as a Hugging Face directory")
     _common(p)
-    p.add_argument("--method", default="wanda", help=f"one of {', '.join(api.METHODS)} (default: wanda)")
+    p.add_argument("--method", default="wanda", help=f"one of {', '.join(names.ONESHOT_METHODS)} (default: wanda)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4")
-    p.add_argument("--allocation", default="uniform", help=f"per-block sparsity: {', '.join(api.ALLOCATIONS)}")
+    p.add_argument("--allocation", default="uniform",
+                   help=f"per-block sparsity: {', '.join(names.ONESHOT_ALLOCATIONS)}")
     p.add_argument("--owl-threshold", type=float, default=5.0, help="OWL outlier multiple M (default 5)")
     p.add_argument("--owl-limit", type=float, default=0.08, help="OWL largest per-block deviation (default 0.08)")
     p.add_argument("--calib", default="wiki-summaries", help="calibration text: asset name or local file")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random scores")
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (default 128)")
+    p.add_argument("--calib-samples", type=count(1), default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calib-seq-len", type=count(2), default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seed", type=count(0), default=0, help="seed for calibration sampling and random scores")
+    p.add_argument("--blocksize", type=count(1), default=128, help="SparseGPT lazy-update block (default 128)")
     p.add_argument("--damping", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward (default 8)")
+    p.add_argument("--batch-size", type=count(1), default=8, help="calibration sequences per forward (default 8)")
     p.add_argument("--eval-data", default="wiki-summaries", help="perplexity text before and after pruning")
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     _eval_options(p, "eval-")
@@ -60,62 +87,60 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--data", default="wiki-summaries", help="text asset name or local file (default wiki-summaries)")
     _eval_options(e, "")
-    e.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
+    e.add_argument("--batch-size", type=count(1), default=4, help="windows per forward (default 4)")
+
+    from prunekit.data import cli as data_cli  # inside `main`'s error handling, like every other import
+    from prunekit.training import cli as training_cli
 
     training_cli.add_parser(verbs)
     data_cli.add_parser(verbs)
     return parser
 
 
-def _check_out(out: Path, model: str, overwrite: bool) -> None:
-    """Refuse, before any work, an output that exists or that would overwrite the input model."""
-    source = Path(model)
-    if source.exists() and (out.resolve() == source.resolve() or source.resolve() in out.resolve().parents):
-        raise PrunekitError(f"output directory '{out}' is the input model or inside it; choose another --out")
-    if out.exists() and not overwrite:
-        raise PrunekitError(f"output directory '{out}' exists; pass --overwrite to replace it")
-
-
-def _windows(n: int) -> int | None:
-    if n < 0:
-        raise PrunekitError(f"window count {n} is negative; use 0 for all windows or a positive number")
-    return n or None
+def _local_path(source) -> str | None:
+    """`source` if it names something on disk (a model directory, a text file), else None (an asset name)."""
+    return source if source is not None and Path(source).exists() else None
 
 
 def _run(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
+    from prunekit import api
     from prunekit.assets import load_causal_lm
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise PrunekitError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
     progress = not args.quiet
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     if args.verb == "prune":
         out = Path(args.out)
-        _check_out(out, args.model, args.overwrite)
+        calib, evaluation = args.calib, None if args.no_eval else args.eval_data
+        check_distinct({"input model": _local_path(args.model), "calibration file": _local_path(calib),
+                        "evaluation file": _local_path(evaluation)}, {"output directory": out})
+        check_output_dir(out, args.overwrite)
         api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation, args.blocksize,
                                 args.damping)
+        api.check_lengths(args.model, calibration_seq_len=args.calib_seq_len,
+                          eval_seq_len=None if evaluation is None else args.eval_seq_len)
         loaded = load_causal_lm(args.model)
         record = api.prune(
             loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-            allocation=args.allocation, calibration=args.calib, calibration_samples=args.calib_samples,
+            allocation=args.allocation, calibration=calib, calibration_samples=args.calib_samples,
             calibration_seq_len=args.calib_seq_len, seed=args.seed, owl_threshold=args.owl_threshold,
             owl_limit=args.owl_limit, blocksize=args.blocksize, damping=args.damping,
-            evaluation=None if args.no_eval else args.eval_data, eval_seq_len=args.eval_seq_len,
-            eval_windows=_windows(args.eval_windows), batch_size=args.batch_size, device=args.device,
+            evaluation=evaluation, eval_seq_len=args.eval_seq_len,
+            eval_windows=args.eval_windows or None, batch_size=args.batch_size, device=args.device,
             progress=progress, model_source=args.model,
         )
         api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
         record["output"] = str(out)
         return record
+    api.check_lengths(args.model, eval_seq_len=args.seq_len)
     loaded = load_causal_lm(args.model)
     return api.evaluate(loaded.model, loaded.tokenizer, data=args.data, seq_len=args.seq_len,
-                        windows=_windows(args.windows), batch_size=args.batch_size, device=args.device,
+                        windows=args.windows or None, batch_size=args.batch_size, device=args.device,
                         progress=progress, model_source=args.model)
 
 
@@ -142,23 +167,58 @@ def _summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _environment_error(error: OSError, output: str | None) -> str:
+    """One line for a failure of the machine rather than of the input: a full disk, a read-only place, a denial."""
+    where = error.filename or output
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on the device"
+    place = f" at '{where}'" if where else ""
+    return one_line(f"prunekit: error: {reason}{place}; nothing was written (free space or choose another place)")
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A message as one printable line: a library's multi-line or binary text (a CSV parser quoting the bytes of a
+    binary file) must not flood the terminal."""
+    flat = " ".join(str(message).split())
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         record = args.run(args) if "run" in args else _run(args)
     except PrunekitError as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
+        print(f"prunekit: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunekit: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:
+        print(_environment_error(exc, getattr(args, "out", None)), file=sys.stderr)
+        return 1
     except Exception as exc:  # an internal error: say so in one line, keep the traceback out of the user's way
-        print(f"prunekit: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if "No space left on device" in str(exc):  # safetensors' writer reports a full disk as its own error
+            print(_environment_error(OSError(errno.ENOSPC, str(exc)), getattr(args, "out", None)), file=sys.stderr)
+            return 1
+        print(f"prunekit: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
     summary = args.summary if "summary" in args else _summary
     print(json.dumps(record, indent=2) if args.json else summary(record))
     return 0
 
 
+def run() -> None:
+    """The console entry point: `main`, with Ctrl-C during start-up answered like Ctrl-C during work."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; nothing was written", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

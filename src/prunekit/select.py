@@ -12,26 +12,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from prunekit.budget import Pattern, check_sparsity
+from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
 
 COMPARISON_GROUPS = ("layer", "row")
 
 
-def removal_count(total: int, sparsity: float) -> int:
-    """How many of `total` units a sparsity removes, rounded to the nearest whole unit."""
-    return math.floor(total * sparsity + 0.5)
+def fraction_count(total: int, fraction: float) -> int:
+    """The whole number of units that `fraction` of `total` makes, rounded half up (0.5 of 3 is 2).
+
+    prunekit's one rounding rule for budgets: weights removed by a sparsity, examples kept by a keep fraction.
+    Python's `round` rounds halves to even instead: 0.5 of 5 to 2 but 0.5 of 7 to 4.
+    """
+    return math.floor(total * fraction + 0.5)
 
 
 def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Remove the lowest-scoring fraction of the whole tensor."""
-    return lowest_count_mask(scores, removal_count(scores.numel(), sparsity))
+    return lowest_count_mask(scores, fraction_count(scores.numel(), sparsity))
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Remove the same number of lowest-scoring entries from every row (every output unit)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
-    k = removal_count(scores.shape[-1], sparsity)
+    k = fraction_count(scores.shape[-1], sparsity)
     if k:
         keep.scatter_(-1, torch.topk(scores, k, dim=-1, largest=False, sorted=False).indices, False)
     return keep
@@ -57,32 +61,6 @@ def select_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, compari
     if comparison == "layer":
         return lowest_mask(scores, sparsity)
     raise PrunekitError(f"comparison group '{comparison}' is unknown; use one of {', '.join(COMPARISON_GROUPS)}")
-
-
-def owl_sparsities(
-    outlier_ratios: Sequence[float], sparsity: float, limit: float, sizes: Sequence[int] | None = None
-) -> list[float]:
-    """Outlier-weighted layer-wise sparsity (OWL, Yin et al. 2024, Sec. 4).
-
-    Layers with a larger share of outlier scores keep more weights: each layer's sparsity is moved by at most
-    `limit` (the paper's lambda) around the target, linearly in its outlier ratio, and the result is centred so
-    that the parameter-weighted mean equals the target sparsity exactly.
-    """
-    ratios = torch.tensor(list(outlier_ratios), dtype=torch.float64)
-    weights = torch.ones_like(ratios) if sizes is None else torch.tensor(list(sizes), dtype=torch.float64)
-    spread = ratios.max() - ratios.min()
-    if len(ratios) < 2 or spread == 0:
-        return [sparsity] * len(ratios)
-    # More outliers -> lower sparsity; mapped onto [-limit, +limit] before centring.
-    offsets = limit - 2 * limit * (ratios - ratios.min()) / spread
-    offsets -= (offsets * weights).sum() / weights.sum()
-    result = (sparsity + offsets).tolist()
-    if min(result) < 0 or max(result) >= 1:
-        raise PrunekitError(
-            f"OWL limit {limit} around sparsity {sparsity} gives layer sparsities from {min(result):.3f} to "
-            f"{max(result):.3f}, outside [0, 1); use a smaller --owl-limit"
-        )
-    return [check_sparsity(s, "OWL layer sparsity") for s in result]
 
 
 def top_k_indices(scores: np.ndarray, k: int, *, largest: bool = True) -> np.ndarray:

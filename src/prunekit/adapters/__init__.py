@@ -8,9 +8,10 @@ from prunekit.adapters import gpt2, gpt_neox, llama, opt, phi
 from prunekit.adapters.base import Adapter, is_conv1d, projection_weight, set_projection_weight
 from prunekit.errors import PrunekitError
 
-ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, opt.ADAPTER, gpt2.ADAPTER, gpt_neox.ADAPTER, phi.ADAPTER)
+ADAPTERS: tuple[Adapter, ...] = (*llama.ADAPTERS, opt.ADAPTER, gpt2.ADAPTER, gpt_neox.ADAPTER, phi.ADAPTER)
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "is_conv1d", "projection_weight", "set_projection_weight"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "find_adapter", "is_conv1d", "projection_weight",
+           "set_projection_weight", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:
@@ -19,7 +20,25 @@ def supported_model_types() -> list[str]:
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter of a model's family, checked against the model's actual modules."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = find_adapter(model)
+    if adapter is None:
+        raise PrunekitError(
+            f"{type(model).__name__} (model_type {_model_type(model)!r}) has no supported decoder blocks; supported "
+            f"model types: {', '.join(supported_model_types())}"
+        )
+    return adapter
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def find_adapter(model: nn.Module) -> Adapter | None:
+    """The adapter of a model's family, or None for a model type no adapter lists (any other network).
+
+    A listed model type whose modules do not have the family's layout is an error, never a silent None.
+    """
+    model_type = _model_type(model)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             try:
@@ -31,7 +50,4 @@ def adapter_for(model: nn.Module) -> Adapter:
                     f"layout prunekit expects: {exc}"
                 ) from None
             return adapter
-    raise PrunekitError(
-        f"{type(model).__name__} (model_type {model_type!r}) has no supported decoder blocks; supported model "
-        f"types: {', '.join(supported_model_types())}"
-    )
+    return None

@@ -19,8 +19,10 @@ class Adapter:
     blocks: dotted path of the ModuleList of transformer blocks, from the task model (e.g. `model.layers` for
         LlamaForCausalLM); a bare base model (LlamaModel) is found by dropping leading parts of the path.
     attention, mlp: projections inside one block, in forward order.
-    norms: normalisation layers inside one block.
-    heads, kv_heads, head_dim: config attributes of the head layout (kv_heads may be absent: then no GQA).
+    norms: every normalisation layer inside one block (pre- and post-norms, query and key norms), for the
+        structural edits that must follow a pruned hidden or head dimension into them.
+    heads, kv_heads: config attributes of the head counts (kv_heads None: as many key/value heads as heads);
+        `head_layout` reads them with the head width.
     shared_inputs: groups of projections that read the same input tensor (q, k, v), so calibration statistics
         are gathered once per group.
     """
@@ -56,6 +58,7 @@ class Adapter:
         return {name: block.get_submodule(name) for name in (*self.attention, *self.mlp)}
 
     def head_layout(self, config) -> dict[str, int]:
+        """Heads, key/value heads and head width of a model's config (what coupled head pruning must respect)."""
         heads = getattr(config, self.heads)
         kv = getattr(config, self.kv_heads, None) if self.kv_heads else None
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -1,5 +1,17 @@
-"""Pruned-model artifacts: the Hugging Face layout plus the `prunekit.json` record, written atomically."""
+"""Pruned-model artifacts: the Hugging Face layout plus the `prunekit.json` record, written atomically.
 
-from prunekit.artifacts.io import MANIFEST, atomic_directory, load_pruned, save_pruned
+`prunekit.artifacts.files` (path safety, safetensors checks) is standard library only; the savers and loaders of
+`prunekit.artifacts.io` import torch and transformers, so they are loaded on first use.
+"""
 
-__all__ = ["MANIFEST", "atomic_directory", "load_pruned", "save_pruned"]
+_IO = ("MANIFEST", "atomic_directory", "load_pruned", "save_pruned")
+
+__all__ = list(_IO)
+
+
+def __getattr__(name: str):
+    if name in _IO:
+        from prunekit.artifacts import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'prunekit.artifacts' has no attribute '{name}'")

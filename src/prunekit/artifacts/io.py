@@ -9,7 +9,6 @@ replacement is ready.
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,22 +16,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prunekit.artifacts.files import (
+    check_output_dir,
+    clean_stale_siblings,
+    read_bounded_text,
+    refuse_pickled_weights,
+    temp_sibling,
+)
 from prunekit.errors import PrunekitError
 
 MANIFEST = "prunekit.json"
+# A manifest holds the protocol card and per-layer numbers: kilobytes. Anything far larger is not one of ours.
+MANIFEST_LIMIT = 64 * 2**20
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-
-
-def _sibling(out_dir: Path, tag: str) -> Path:
-    """A fresh hidden path beside `out_dir`, e.g. `.model.tmp-1a2b3c4d`."""
-    return out_dir.with_name(f".{out_dir.name}.{tag}-{uuid.uuid4().hex[:8]}")
-
-
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrunekitError(f"output path '{out_dir}' is a file; pass a directory path")
-    if out_dir.exists() and not overwrite:
-        raise PrunekitError(f"output directory '{out_dir}' exists; pass --overwrite to replace it")
 
 
 @contextmanager
@@ -41,20 +37,22 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator
 
     Refuses at once, before any work, if `out_dir` is a file, or exists and `overwrite` is False. If the
     block raises, the temporary directory is removed and `out_dir` is untouched. With `overwrite`, the old
-    directory is moved aside, the new one renamed in, and only then the old one deleted.
+    directory is moved aside, the new one renamed in, and only then the old one deleted. What an earlier,
+    killed process left beside `out_dir` is cleaned up first (see `clean_stale_siblings`).
     """
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
+    clean_stale_siblings(out_dir)
+    check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out_dir, "tmp")
+    tmp = temp_sibling(out_dir, "tmp")
     tmp.mkdir()  # unlike tempfile.mkdtemp, keeps the umask's permissions, which the output should have
     try:
         yield tmp
-        _check_target(out_dir, overwrite)  # something may have appeared at out_dir meanwhile
+        check_output_dir(out_dir, overwrite)  # something may have appeared at out_dir meanwhile
         if not out_dir.exists():
             tmp.rename(out_dir)
             return
-        old = _sibling(out_dir, "old")
+        old = temp_sibling(out_dir, "old")
         out_dir.rename(old)
         try:
             tmp.rename(out_dir)
@@ -93,12 +91,30 @@ def _read_manifest(path: Path) -> dict:
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise PrunekitError(f"'{path}' has no {MANIFEST}; pass a directory written by prunekit's save_pruned")
+    return read_json_file(manifest, limit=MANIFEST_LIMIT, what="manifest")
+
+
+def read_json_file(path: Path, *, limit: int, what: str) -> dict:
+    """A JSON object from a small file, refusing oversized, non-UTF-8, malformed or non-object content."""
+    text = read_bounded_text(path, limit=limit, what=what)
     try:
-        return json.loads(manifest.read_text())
+        content = json.loads(text)
     except json.JSONDecodeError as error:
-        raise PrunekitError(
-            f"'{manifest}' is not valid JSON ({error.msg} at line {error.lineno}); re-save the model"
-        ) from error
+        raise PrunekitError(f"{what} '{path}' is not valid JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise PrunekitError(f"{what} '{path}' nests too deeply to be a real {what}") from None
+    if not isinstance(content, dict):
+        raise PrunekitError(f"{what} '{path}' holds a JSON {type(content).__name__}, not an object")
+    return content
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse, before transformers reads anything, a model directory with a broken config or unsafe weights."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise PrunekitError(f"model directory '{path}' has no config.json; expected a Hugging Face model directory")
+    read_json_file(config, limit=MANIFEST_LIMIT, what="model config")
+    refuse_pickled_weights(path)
 
 
 def load_pruned(
@@ -117,10 +133,7 @@ def load_pruned(
             f"pruned model directory '{path}' does not exist; pass a directory written by save_pruned"
         )
     record = _read_manifest(path)
-    if not any(path.glob("*.safetensors")):
-        raise PrunekitError(
-            f"'{path}' holds no .safetensors weights; only safetensors checkpoints are loaded"
-        )
+    check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, use_safetensors=True, dtype=dtype
     )

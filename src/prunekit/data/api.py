@@ -29,6 +29,7 @@ import pyarrow.parquet
 import torch
 from torch import nn
 
+from prunekit.artifacts.files import check_distinct
 from prunekit.data import dynamics, selectors
 from prunekit.data.io import (
     ArrayStore,
@@ -48,7 +49,7 @@ DEDUP_METHODS = ("semdedup",)
 EMBEDDING_METHODS = ("prototypes",)
 TEXT_METHODS = ("perplexity",)
 PROBE_METHODS = tuple(name for name in dynamics.TRAINING_SCORERS if name != "random")
-METHODS = ("random", *DEDUP_METHODS, *EMBEDDING_METHODS, *TEXT_METHODS, *PROBE_METHODS)
+DATA_METHODS = ("random", *DEDUP_METHODS, *EMBEDDING_METHODS, *TEXT_METHODS, *PROBE_METHODS)
 MODES = (*selectors.MODES, "ccs")
 BACKENDS = ("local", "ray")
 # Embeddings of more examples than this go to a memory-mapped file rather than anonymous memory.
@@ -57,8 +58,9 @@ MEMMAP_ROWS = 100_000
 
 @dataclass
 class ScoreResult:
-    """One score per example (float64, higher = harder; for SemDeDup the cosine similarity to the kept example a
-    duplicate repeats, NaN for kept ones), SemDeDup's `groups` where it applies, and how they were made."""
+    """One score per example (float64, higher = harder; for SemDeDup the largest cosine similarity to an earlier
+    example of its cluster, which decides removal, lowest for the kept member of a group), SemDeDup's `groups` where
+    it applies, and how they were made."""
 
     scores: np.ndarray
     groups: np.ndarray | None = None
@@ -74,10 +76,12 @@ def check_options(
     label_field: str | None,
     class_balanced: bool,
     backend: str,
+    semdedup_rule: str = "paper",
+    semdedup_keep: str = "central",
 ) -> None:
     """Everything about the options that can be checked before reading the data."""
-    if method not in METHODS:
-        raise PrunekitError(f"data pruning method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if method not in DATA_METHODS:
+        raise PrunekitError(f"data pruning method {method!r} is unknown; use one of {', '.join(DATA_METHODS)}")
     if backend not in BACKENDS:
         raise PrunekitError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if method in DEDUP_METHODS:
@@ -87,6 +91,13 @@ def check_options(
             raise PrunekitError(f"SemDeDup threshold must be a cosine similarity in (0, 1), got {threshold!r}")
         if keep is not None:
             raise PrunekitError(f"{method} keeps one example per duplicate group; give --threshold, not --keep")
+        from prunekit.data.semantic import KEEP_ORDERS, RULES
+
+        if semdedup_rule not in RULES:
+            raise PrunekitError(f"SemDeDup rule {semdedup_rule!r} is unknown; use one of {', '.join(RULES)}")
+        if semdedup_keep not in KEEP_ORDERS:
+            raise PrunekitError(f"SemDeDup keep order {semdedup_keep!r} is unknown; use one of "
+                                f"{', '.join(KEEP_ORDERS)}")
         return
     if threshold is not None:
         raise PrunekitError(f"--threshold applies to {', '.join(DEDUP_METHODS)} only, not to {method}")
@@ -106,6 +117,17 @@ def _is_text(table: DataTable, text_field: str, feature_field: str | None) -> bo
         return False
     table.texts(text_field)  # raises a clear error for a missing text field
     return True
+
+
+def _check_fields(table: DataTable, method: str, text_field: str, text_field_given: bool,
+                  feature_field: str | None) -> None:
+    """Every field the caller named must exist, whether or not `method` reads it (a typo is never ignored)."""
+    if feature_field is not None:
+        table.features(feature_field)
+    if text_field_given and (feature_field is not None or table.arrays is not None):
+        raise PrunekitError(f"'{table.source}' holds numeric arrays; text field {text_field!r} does not apply to it")
+    if text_field_given or method != "random":
+        _is_text(table, text_field, feature_field)  # a missing text field fails before any scoring
 
 
 def _work_store(work_dir: str | os.PathLike | None, n: int, stack: list) -> ArrayStore | None:
@@ -157,6 +179,8 @@ def score_examples(
     feature_field: str | None = None,
     threshold: float | None = None,
     clusters: int | None = None,
+    semdedup_rule: str = "paper",
+    semdedup_keep: str = "central",
     seed: int = 0,
     encoder: str = "minilm-l6",
     reference_lm: str = "smollm2-135m",
@@ -198,9 +222,9 @@ def score_examples(
                                    progress=progress)
     semantic.check_embeddings(embeddings)
     if method == "semdedup":
-        result = semantic.semdedup(embeddings, threshold=threshold, k=clusters, seed=seed, threads=threads,
-                                   progress=progress)
-        info.update(clusters=result.k, duplicates=result.duplicates)
+        result = semantic.semdedup(embeddings, threshold=threshold, k=clusters, rule=semdedup_rule,
+                                   keep=semdedup_keep, seed=seed, threads=threads, progress=progress)
+        info.update(clusters=result.k, duplicates=result.duplicates, rule=result.rule, keep=result.keep)
         return ScoreResult(result.similarity, groups=result.groups, info=info)
     if method == "prototypes":
         k = semantic.default_clusters(n) if clusters is None else clusters
@@ -229,8 +253,8 @@ def select_kept(
     seed: int = 0,
 ) -> np.ndarray:
     """Sorted int64 indices of the kept examples: one per group for dedup scores, else by `mode` under `keep`."""
-    if scores.groups is not None:
-        return selectors.dedup_select(scores.groups)
+    if scores.groups is not None:  # the lowest score of a group is the member the dedup method keeps
+        return selectors.dedup_select(scores.groups, scores.scores)
     if mode == "ccs":
         return selectors.ccs_select(scores.scores, keep, hard_cut=hard_cut, labels=labels if class_balanced else None,
                                     seed=seed)
@@ -244,7 +268,7 @@ def prune_data(
     method: str,
     keep: float | int | None = None,
     threshold: float | None = None,
-    text_field: str = "text",
+    text_field: str | None = None,
     label_field: str | None = None,
     id_field: str | None = None,
     feature_field: str | None = None,
@@ -254,6 +278,8 @@ def prune_data(
     random_fraction: float = 0.0,
     hard_cut: float = 0.1,
     clusters: int | None = None,
+    semdedup_rule: str = "paper",
+    semdedup_keep: str = "central",
     seed: int = 0,
     out: str | os.PathLike | None = None,
     scores_out: str | os.PathLike | None = None,
@@ -273,20 +299,27 @@ def prune_data(
     `input` is anything `prunekit.data.io.read_data` reads. `keep` is a fraction in (0, 1] or a count; `mode` is
     hard / easy / band (skipping the hardest `band_start`) / ccs (coverage-centric, `hard_cut`); `class_balanced`
     keeps per-class quotas; `random_fraction` of the kept examples are drawn uniformly. SemDeDup takes `threshold`
-    instead of `keep`. `clusters` is k for the k-means methods (default about sqrt(N)).
+    instead of `keep`, and `semdedup_rule` / `semdedup_keep` (see `prunekit.data.semantic.semdedup`). `clusters` is
+    k for the k-means methods (default about sqrt(N)).
 
     Outputs, each optional and all written together or not at all: `out` the kept subset in the input's format,
     `scores_out` a parquet of id, index, score, keep (and group for SemDeDup), `report_out` the record as JSON. An
     existing output is refused unless `overwrite`. Bad input raises `PrunekitError` before anything is written.
     """
     check_options(method, keep=keep, threshold=threshold, mode=mode, label_field=label_field,
-                  class_balanced=class_balanced, backend=backend)
+                  class_balanced=class_balanced, backend=backend, semdedup_rule=semdedup_rule,
+                  semdedup_keep=semdedup_keep)
     outputs = {"out": out, "scores_out": scores_out, "report_out": report_out}
+    source = input if isinstance(input, str | os.PathLike) else None
+    check_distinct({"input": source, "work directory": work_dir},
+                   {"output": out, "scores output": scores_out, "report": report_out})
     for path in outputs.values():
         if path is not None:
             check_output(path, overwrite)
     if scores_out is not None and Path(scores_out).suffix.lower() != ".parquet":
         raise PrunekitError(f"scores output '{scores_out}' must be a .parquet file")
+    text_field_given = text_field is not None
+    text_field = "text" if text_field is None else text_field
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise PrunekitError(f"threads must be an integer >= 1, got {threads!r}")
     # The caller's torch thread count is restored afterwards: `threads` limits this call, not the process.
@@ -302,11 +335,11 @@ def prune_data(
             out_format = None if out is None else output_format(table, out)
             if keep is not None:
                 selectors.keep_count(n, keep)
-            if method != "random":
-                _is_text(table, text_field, feature_field)  # a missing text field fails before any scoring
+            _check_fields(table, method, text_field, text_field_given, feature_field)
             labels = table.labels(label_field) if label_field is not None else None
             scored = score_examples(table, method, text_field=text_field, label_field=label_field,
-                                    feature_field=feature_field, threshold=threshold, clusters=clusters, seed=seed,
+                                    feature_field=feature_field, threshold=threshold, clusters=clusters,
+                                    semdedup_rule=semdedup_rule, semdedup_keep=semdedup_keep, seed=seed,
                                     encoder=encoder, reference_lm=reference_lm, batch_size=batch_size,
                                     max_length=max_length, backend=backend, work_dir=work_dir, threads=threads,
                                     progress=progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ def load_encoder(model: str | os.PathLike = "minilm-l6") -> Encoder:
     """Load a sentence encoder: the asset `minilm-l6` or a local Hugging Face directory, in eval mode on the CPU."""
     from transformers import AutoModel, AutoTokenizer
 
+    from prunekit.artifacts.io import check_model_dir
     from prunekit.assets import model_asset_names, model_path
 
     name = os.fspath(model)
@@ -48,10 +50,11 @@ def load_encoder(model: str | os.PathLike = "minilm-l6") -> Encoder:
         path = model_path(name)
     elif os.path.isdir(name):
         path = name
+        check_model_dir(Path(path))  # config readable, safetensors weights sound, nothing pickled
     else:
         raise PrunekitError(f"encoder {name!r} is neither a model asset (minilm-l6) nor a local directory")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32, use_safetensors=True).eval()
     return Encoder(model=encoder, tokenizer=tokenizer, source=name)
 
 

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import shutil
-import uuid
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet
 
+from prunekit.artifacts.files import clean_stale_siblings, temp_sibling
 from prunekit.errors import PrunekitError
 
 FILE_FORMATS = {
@@ -233,6 +234,8 @@ def _parse_json(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise PrunekitError(f"{where} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise PrunekitError(f"{where} nests JSON too deeply to be data") from None
 
 
 def read_txt_documents(path: Path) -> list[str]:
@@ -325,15 +328,30 @@ def _read_arrow(path: Path, string_columns: Sequence[str]) -> DataTable:
     return DataTable(FILE_FORMATS[suffix], str(path), _rows(table.num_rows), table=table)
 
 
+def _check_npy_size(path: Path) -> None:
+    """Refuse a .npy file whose header declares more data than the file holds, before anything is allocated."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        needed = f.tell() + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if not dtype.hasobject and needed > path.stat().st_size:
+        raise PrunekitError(f"numpy file '{path}' declares shape {shape} of {dtype} ({needed:,} bytes) but holds "
+                            f"{path.stat().st_size:,} bytes; it is truncated or corrupt")
+
+
 def _read_numpy_file(path: Path, mmap: bool) -> DataTable:
     try:
         if path.suffix.lower() == ".npy":
+            _check_npy_size(path)
             arrays = {"x": np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)}
         else:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError) as error:
-        raise PrunekitError(f"numpy file '{path}' cannot be read without unpickling: {error}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as error:
+        # np.load refuses object arrays rather than unpickling them (allow_pickle=False): also "cannot be read".
+        raise PrunekitError(f"numpy file '{path}' cannot be read (truncated, corrupt, or holding pickled "
+                            f"objects, which prunekit never loads): {error}") from None
     return _array_table(arrays, str(path), FILE_FORMATS[path.suffix.lower()])
 
 
@@ -450,11 +468,6 @@ def read_data(
 # Writing.
 
 
-def _hidden_sibling(path: Path, tag: str) -> Path:
-    """A fresh hidden path beside `path` with the same suffix, e.g. `.kept.tmp-1a2b3c4d.jsonl`."""
-    return path.with_name(f".{path.stem}.{tag}-{uuid.uuid4().hex[:8]}{path.suffix}")
-
-
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse, before any work, an output that exists (unless `overwrite`) or whose parent is a file."""
     path = Path(path)
@@ -485,9 +498,10 @@ class Staging:
 
     def path(self, target: str | os.PathLike) -> Path:
         """A temporary path for `target`; refuses an existing target unless overwrite."""
+        clean_stale_siblings(target)
         target = check_output(target, self.overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _hidden_sibling(target, "tmp")
+        tmp = temp_sibling(target, "tmp")
         self._pending.append((tmp, target))
         return tmp
 
@@ -501,7 +515,7 @@ class Staging:
                     check_output(target, self.overwrite)
                 for tmp, target in self._pending:
                     if target.is_dir():
-                        old = _hidden_sibling(target, "old")
+                        old = temp_sibling(target, "old")
                         target.rename(old)
                         os.replace(tmp, target)
                         shutil.rmtree(old)

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, Sampler
 
 from prunekit.data.selectors import keep_count
 from prunekit.errors import PrunekitError
+from prunekit.select import fraction_count
 
 
 def _check_size(num_examples: int) -> int:
@@ -102,7 +103,7 @@ class InfoBatch(Sampler[int]):
         keep = np.ones(self.num_examples, dtype=bool)
         if self.pruning() and self.seen.any():
             well = np.flatnonzero(self.seen & (self.scores < self.scores[self.seen].mean()))
-            dropped = math.floor(self.prune_ratio * len(well) + 0.5)
+            dropped = fraction_count(len(well), self.prune_ratio)
             if dropped:
                 keep[rng.choice(well, dropped, replace=False)] = False
                 self._weights[torch.from_numpy(well[keep[well]])] = len(well) / (len(well) - dropped)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from prunekit.errors import PrunekitError
-from prunekit.select import largest_remainder, top_k_indices
+from prunekit.select import fraction_count, largest_remainder, top_k_indices
 
 MODES = ("hard", "easy", "band")
 
@@ -34,7 +34,7 @@ def keep_count(n: int, keep: float | int) -> int:
         return int(keep)
     if not (math.isfinite(keep) and 0 < keep <= 1):
         raise PrunekitError(f"keep fraction {keep} is outside (0, 1]; use a fraction in (0, 1] or a count in [1, {n}]")
-    return max(1, math.floor(keep * n + 0.5))
+    return max(1, fraction_count(n, keep))
 
 
 def check_scores(scores: np.ndarray | list[float], name: str = "scores") -> np.ndarray:
@@ -77,7 +77,7 @@ def _ranked(scores: np.ndarray, count: int, mode: str, band_start: float) -> np.
     """Positions of `count` examples chosen by mode among `scores` (ties to the lower position)."""
     if mode == "easy":
         return top_k_indices(scores, count, largest=False)
-    skip = math.floor(band_start * len(scores) + 0.5) if mode == "band" else 0
+    skip = fraction_count(len(scores), band_start) if mode == "band" else 0
     if skip + count > len(scores):
         raise PrunekitError(f"band_start {band_start} skips {skip} of {len(scores)} examples, leaving fewer than the "
                             f"{count} to keep; use band_start <= {(len(scores) - count) / len(scores):.4f}")
@@ -104,7 +104,7 @@ def select_examples(scores: np.ndarray, keep: float | int, *, mode: str = "hard"
     labels = _check_labels(labels, n)
     if class_balanced and labels is None:
         raise PrunekitError("class_balanced selection needs labels (one per example)")
-    n_random = math.floor(random_fraction * total + 0.5)
+    n_random = fraction_count(total, random_fraction)
     n_scored = total - n_random
     if class_balanced:
         chosen = [np.flatnonzero(labels == c)[_ranked(scores[labels == c], q, mode, band_start)]
@@ -121,7 +121,7 @@ def select_examples(scores: np.ndarray, keep: float | int, *, mode: str = "hard"
 def _ccs_one(scores: np.ndarray, budget: int, hard_cut: float, strata: int, rng: np.random.Generator) -> np.ndarray:
     """CCS (Zheng et al. 2023, Algorithm 1) on one pool of examples; positions within `scores`."""
     n = len(scores)
-    cut = math.floor(hard_cut * n + 0.5)
+    cut = fraction_count(n, hard_cut)
     if budget > n - cut:
         raise PrunekitError(f"CCS cannot keep {budget} of {n} examples after its hard cut removes the hardest {cut}; "
                             f"use a hard_cut <= {(n - budget) / n:.4f} or keep fewer")
@@ -172,7 +172,8 @@ def dedup_select(groups: np.ndarray, scores: np.ndarray | None = None) -> np.nda
     """Keep one example per duplicate group: the lowest-scoring member if `scores` are given, else the first.
 
     `groups` holds a group id per example; −1 (or an id no other example shares) means "no duplicates", so the
-    example is kept. Ties in score go to the lower index.
+    example is kept. Ties in score go to the lower index. For SemDeDup give its `similarity` as the scores (or use
+    `SemDeDupResult.kept`): the member it keeps is not always the group's first.
     """
     groups = np.asarray(groups)
     if groups.ndim != 1 or len(groups) == 0:

@@ -2,71 +2,38 @@
 
 Every pruner has one shape: build it on the model, call `pruner.step()` after each `optimizer.step()`, and
 `pruner.finalize()` at the end to bake the zeros in. Nothing is patched globally: masks live as buffers and
-gradient hooks on the weights of the model you pass.
+gradient hooks on the weights of the model you pass. The weights targeted by default are those of
+`prunekit.targets.target_weights` (for Hugging Face decoders, the projections one-shot pruning targets); layer
+allocation is `prunekit.allocation`, shared with one-shot pruning.
 """
 
-from prunekit.training.allocation import ALLOCATIONS, allocate, erk_densities, lamp_scores
-from prunekit.training.dst import SET, RigL
-from prunekit.training.loop import ClassificationData, TrainHistory, train
-from prunekit.training.masks import Masks, prunable_weights
-from prunekit.training.schedules import (
-    GradualMagnitude,
-    IterativeMagnitude,
-    Movement,
-    OneShot,
-    PruneAtInit,
-    Pruner,
-    cubic_sparsity,
-)
-from prunekit.training.scorers import (
-    check_layer_collapse,
-    grasp_scores,
-    magnitude_scores,
-    random_scores,
-    snip_scores,
-    synflow_scores,
-)
+# Every submodule imports torch (and some transformers): seconds. Each loads on first use of a name from it, so that
+# `prunekit train --help` answers at once.
+_MODULES = {
+    "prunekit.allocation": "ALLOCATIONS allocate erk_densities lamp_scores",
+    "prunekit.targets": "target_weights",
+    "prunekit.training.dst": "SET RigL",
+    "prunekit.training.hf": "PruningCallback",
+    "prunekit.training.loop": "ClassificationData TrainHistory train",
+    "prunekit.training.masks": "Masks",
+    "prunekit.training.recipes": "load_checkpoint load_recipe run_recipe",
+    "prunekit.training.schedules": (
+        "GradualMagnitude IterativeMagnitude Movement OneShot PruneAtInit Pruner cubic_sparsity"
+    ),
+    "prunekit.training.scorers": "check_layer_collapse grasp_scores snip_scores synflow_scores",
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
 
-__all__ = [
-    "ALLOCATIONS",
-    "ClassificationData",
-    "SET",
-    "TrainHistory",
-    "GradualMagnitude",
-    "IterativeMagnitude",
-    "Masks",
-    "Movement",
-    "OneShot",
-    "PruneAtInit",
-    "Pruner",
-    "PruningCallback",
-    "RigL",
-    "allocate",
-    "check_layer_collapse",
-    "cubic_sparsity",
-    "erk_densities",
-    "grasp_scores",
-    "lamp_scores",
-    "load_checkpoint",
-    "load_recipe",
-    "magnitude_scores",
-    "prunable_weights",
-    "random_scores",
-    "run_recipe",
-    "snip_scores",
-    "synflow_scores",
-    "train",
-]
-
-
-_LAZY = {"PruningCallback": "prunekit.training.hf", "load_recipe": "prunekit.training.recipes",
-         "run_recipe": "prunekit.training.recipes", "load_checkpoint": "prunekit.training.recipes"}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # The callback and the recipe runner import transformers (seconds); load them only when asked for.
-    if name in _LAZY:
+    if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'prunekit.training' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from prunekit.artifacts.files import check_distinct
+from prunekit.cli import count
 from prunekit.errors import PrunekitError
 
 
@@ -17,7 +19,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file (.toml, or .yaml/.yml); see examples/recipes/")
     p.add_argument("--out", default=None, help="output directory (default: the recipe's 'out'); written atomically")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the result record as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run, summary=summary)
@@ -31,13 +33,12 @@ def run(args: argparse.Namespace) -> dict:
     from prunekit.training.recipes import load_recipe, run_recipe
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise PrunekitError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
     out = args.out if args.out is not None else recipe.out
     if out is None:
         raise PrunekitError(f"recipe '{args.recipe}' has no 'out' directory; pass --out DIR")
+    check_distinct({"recipe": args.recipe}, {"output directory": out})
     # run_recipe refuses an existing output (or a file in its place) before loading data or training.
     return run_recipe(recipe, out, overwrite=args.overwrite, progress=not args.quiet)
 

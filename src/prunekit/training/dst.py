@@ -14,10 +14,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from prunekit.allocation import check_allocation
 from prunekit.budget import check_sparsity
 from prunekit.errors import PrunekitError
-from prunekit.training.schedules import Pruner, _check_allocation
-from prunekit.weights import scores as weight_scores
+from prunekit.select import fraction_count
+from prunekit.training.schedules import Pruner
+from prunekit.weights.scores import magnitude_scores, random_scores
 
 
 class RigL(Pruner):
@@ -49,8 +51,8 @@ class RigL(Pruner):
         self.updates = 0
         # One random stream for the initial mask and SET's regrowth: a second generator with the same seed would
         # replay the initial scores and regrow exactly the connections just dropped.
-        scores = {n: weight_scores.random_scores(w, self.generator) for n, w in self.masks.weights.items()}
-        self._prune_to(scores, self.final_sparsity, _check_allocation(allocation))
+        scores = {n: random_scores(w, self.generator) for n, w in self.masks.weights.items()}
+        self._prune_to(scores, self.final_sparsity, check_allocation(allocation))
         self._arm()
 
     def target_sparsity(self, step: int | None = None) -> float:
@@ -98,11 +100,11 @@ class RigL(Pruner):
         for name, mask in masks.items():
             flat = mask.flatten()
             active = int(flat.count_nonzero())
-            count = min(round(fraction * active), flat.numel() - active)
+            count = min(fraction_count(active, fraction), flat.numel() - active)
             if count == 0:
                 continue
             # Drop: the `count` active weights of smallest magnitude.
-            magnitude = weights[name].detach().abs().flatten().float().masked_fill(~flat, math.inf)
+            magnitude = magnitude_scores(weights[name].detach()).flatten().masked_fill(~flat, math.inf)
             kept = flat.clone()
             kept[torch.topk(magnitude, count, largest=False).indices] = False
             # Grow: the `count` best connections inactive after the drop (a just-dropped one may come back).
@@ -133,4 +135,4 @@ class SET(RigL):
     _needs_gradient = False
 
     def _grow_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return torch.rand(weight.shape, generator=self.generator)
+        return random_scores(weight, self.generator)

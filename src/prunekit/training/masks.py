@@ -27,24 +27,9 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-
-PRUNABLE_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)
+from prunekit.targets import target_weights
 
 GradientObserver = Callable[[str, torch.Tensor], None]
-
-
-def prunable_weights(
-    model: nn.Module, include_types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES
-) -> dict[str, nn.Parameter]:
-    """The weights of `include_types` modules by qualified name (`"fc1.weight"`); biases, norms and embeddings are
-    not included. A weight shared by several modules is listed once, under its first name."""
-    found, seen = {}, set()
-    for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, include_types) and isinstance(weight, nn.Parameter) and id(weight) not in seen:
-            seen.add(id(weight))
-            found[f"{module_name}.weight" if module_name else "weight"] = weight
-    return found
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -55,13 +40,15 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class Masks:
     """A boolean keep-mask (True = keep) per target weight of `model`, held through training.
 
-    `names` selects the weights (default: all of `prunable_weights(model)`). Masks start all-True (identity).
+    `names` selects the weights (default: all of `prunekit.targets.target_weights(model)`: for a Hugging Face
+    model an adapter recognises, the projections inside its blocks, never the embeddings or the LM head). Masks
+    start all-True (identity) and have the shape the weight is stored in (GPT-2's Conv1D: [in, out]).
     To load a checkpoint saved with masks into a fresh model, create `Masks(fresh_model, names)` first, then call
     `fresh_model.load_state_dict(state)`: the buffers are loaded in place and the hooks read them.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str] | None = None):
-        available = prunable_weights(model)
+        available = target_weights(model)
         names = list(available) if names is None else list(names)
         unknown = [n for n in names if n not in available]
         if unknown:
@@ -69,7 +56,8 @@ class Masks:
                 f"no prunable weight named {unknown[0]!r}; available: {', '.join(available) or 'none'}"
             )
         if not names:
-            raise PrunekitError("Masks needs at least one weight; the model has no Linear/Conv weights to prune")
+            raise PrunekitError("Masks needs at least one weight; the model has no weights to prune (see "
+                                "prunekit.targets.target_weights)")
         self.model = model
         self._targets: dict[str, tuple[nn.Module, str]] = {}
         self._hooks, self._observer_hooks = [], []

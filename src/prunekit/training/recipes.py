@@ -21,7 +21,7 @@ frequency = 20                        #   iterative-magnitude, movement, rigl, s
 
 [budget]
 sparsity = 0.9                        # fraction of the prunable weights removed at the end
-allocation = "global"                 # uniform, global, global-min, lamp, erk, er
+allocation = "global"                 # uniform, global, global-min, lamp, erk, er, owl
 
 [optimizer]
 name = "sgd"                          # sgd or adam
@@ -60,12 +60,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunekit.allocation import ALLOCATIONS
 from prunekit.artifacts import MANIFEST, atomic_directory
+from prunekit.artifacts.files import check_safetensors, read_bounded_text
+from prunekit.artifacts.io import MANIFEST_LIMIT, read_json_file
 from prunekit.assets import ImageSet, image_asset_names, load_images
 from prunekit.errors import PrunekitError
 from prunekit.measure import ResourceMonitor, accuracy, result_record, sparsity_summary, weights_sha256
 from prunekit.nets import NETS, build_net
-from prunekit.training.allocation import ALLOCATIONS
 from prunekit.training.loop import (
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -76,6 +78,8 @@ from prunekit.training.loop import (
 )
 
 CHECKPOINT = "model.safetensors"
+# Recipes are a few dozen lines; a bound keeps a hostile file from costing more than reading it.
+RECIPE_LIMIT = 2**20
 PLOT = "accuracy_vs_sparsity.png"
 NUM_CLASSES = 10
 
@@ -268,19 +272,32 @@ def _annotated_kinds(param: inspect.Parameter) -> list[str]:
     return kinds if all(kind in _CHECKS for kind in kinds) else []
 
 
+def _yaml_content(path: Path, text: str) -> Any:
+    """Parse a YAML recipe, refusing aliases: `*ref` expands a shared node, and nested aliases grow exponentially
+    ("billion laughs"), so a few hundred bytes could ask for gigabytes. A recipe has no use for them."""
+    try:
+        import yaml
+    except ImportError as error:
+        raise PrunekitError(f"recipe '{path}' is YAML but PyYAML is not installed; use a .toml recipe") from error
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise PrunekitError(f"recipe '{path}' uses the YAML alias *{event.anchor} (line {mark.line + 1}); "
+                                    "aliases are not accepted in recipes: write the value out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PrunekitError(f"recipe '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+    except RecursionError:
+        raise PrunekitError(f"recipe '{path}' nests too deeply to be a recipe") from None
+
+
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise PrunekitError(f"recipe file '{path}' does not exist; pass a .toml (or .yaml) recipe")
-    text = path.read_text()
+    text = read_bounded_text(path, limit=RECIPE_LIMIT, what="recipe")
     if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as error:
-            raise PrunekitError(f"recipe '{path}' is YAML but PyYAML is not installed; use a .toml recipe") from error
-        try:
-            content = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise PrunekitError(f"recipe '{path}' is not valid YAML: {str(error).splitlines()[0]}") from error
+        content = _yaml_content(path, text)
     elif path.suffix == ".toml":
         try:
             content = tomllib.loads(text)
@@ -532,9 +549,9 @@ def execute(recipe: Recipe, data: ClassificationData | None = None, *, progress:
 
 
 def _prunable(model: nn.Module, sparsity: dict) -> dict[str, torch.Tensor]:
-    from prunekit.training.masks import prunable_weights
+    from prunekit.targets import target_weights
 
-    weights = prunable_weights(model)
+    weights = target_weights(model)
     names = list(sparsity["layers"]) or list(weights)
     return {name: weights[name].detach() for name in names}
 
@@ -625,11 +642,19 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise PrunekitError(f"'{path}' has no {MANIFEST}; pass a directory written by prunekit train")
-    record = json.loads(manifest.read_text())
+    record = read_json_file(manifest, limit=MANIFEST_LIMIT, what="manifest")
     checkpoint = record.get("checkpoint")
-    if not checkpoint:
+    if not isinstance(checkpoint, dict) or not {"file", "net", "num_classes"} <= set(checkpoint):
         raise PrunekitError(f"'{manifest}' names no checkpoint; pass a directory written by prunekit train")
+    weights = path / str(checkpoint["file"])
+    if weights.resolve().parent != path.resolve() or not weights.is_file():
+        raise PrunekitError(f"'{manifest}' names checkpoint '{checkpoint['file']}', which is not a file in '{path}'")
+    check_safetensors(weights)
     model = build_net(checkpoint["net"], num_classes=checkpoint["num_classes"])
-    model.load_state_dict(load_file(path / checkpoint["file"]), strict=True)
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as error:
+        raise PrunekitError(f"checkpoint '{weights}' does not fit net {checkpoint['net']!r}: "
+                            f"{str(error).splitlines()[0]}") from None
     return model, record
 

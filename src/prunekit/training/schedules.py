@@ -16,30 +16,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from prunekit.allocation import allocate, check_allocation
 from prunekit.budget import check_sparsity
 from prunekit.errors import PrunekitError
 from prunekit.select import lowest_mask
-from prunekit.training.allocation import ALLOCATIONS, allocate
 from prunekit.training.masks import Masks
-from prunekit.training.scorers import (
-    Batches,
-    check_layer_collapse,
-    grasp_scores,
-    magnitude_scores,
-    random_scores,
-    snip_scores,
-    synflow_scores,
-)
+from prunekit.training.scorers import Batches, check_layer_collapse, grasp_scores, snip_scores, synflow_scores
+from prunekit.weights.scores import magnitude_scores, random_scores
 
 INIT_SCORERS = ("snip", "grasp", "synflow", "random", "magnitude")
 ONESHOT_SCORERS = ("magnitude", "random")
 REWINDS = ("weights", "lr")
-
-
-def _check_allocation(allocation: str) -> str:
-    if allocation not in ALLOCATIONS:
-        raise PrunekitError(f"allocation {allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
-    return allocation
 
 
 def _check_steps(start_step: int, end_step: int, frequency: int) -> None:
@@ -95,7 +82,11 @@ class Pruner:
         # Pruned weights are exactly zero after apply(), the lowest possible |w|: pruning to a higher sparsity by
         # magnitude therefore keeps every earlier mask (monotone), with any allocation.
         self.masks.apply()
-        return {n: w.detach().abs() for n, w in self.masks.weights.items()}
+        return {n: magnitude_scores(w.detach()) for n, w in self.masks.weights.items()}
+
+    def _random_scores(self, seed: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {n: random_scores(w, generator) for n, w in self.masks.weights.items()}
 
 
 class OneShot(Pruner):
@@ -108,9 +99,8 @@ class OneShot(Pruner):
         if scorer not in ONESHOT_SCORERS:
             raise PrunekitError(f"one-shot scorer {scorer!r} is unknown; choose one of {', '.join(ONESHOT_SCORERS)} "
                                 "(data-dependent scorers: PruneAtInit)")
-        scores = magnitude_scores(model) if scorer == "magnitude" else random_scores(model, seed)
-        self._prune_to({n: scores[n] for n in self.masks.masks}, self.final_sparsity, _check_allocation(allocation),
-                       min_density=min_density)
+        scores = self._live_magnitudes() if scorer == "magnitude" else self._random_scores(seed)
+        self._prune_to(scores, self.final_sparsity, check_allocation(allocation), min_density=min_density)
 
     def target_sparsity(self, step: int | None = None) -> float:
         return self.final_sparsity
@@ -131,7 +121,7 @@ class PruneAtInit(Pruner):
         self.final_sparsity = check_sparsity(sparsity)
         if scorer not in INIT_SCORERS:
             raise PrunekitError(f"scorer {scorer!r} is unknown; choose one of {', '.join(INIT_SCORERS)}")
-        _check_allocation(allocation)
+        check_allocation(allocation)
         if scorer != "synflow" and rounds is not None:
             raise PrunekitError(f"rounds applies to the iterative SynFlow scorer only, not {scorer!r}")
         if scorer == "synflow":
@@ -152,9 +142,9 @@ class PruneAtInit(Pruner):
         elif scorer == "grasp":
             scores = grasp_scores(model, batches)
         elif scorer == "random":
-            scores = random_scores(model, seed)
+            scores = self._random_scores(seed)
         else:
-            scores = magnitude_scores(model)
+            scores = self._live_magnitudes()
         self._prune_to(self._restrict(scores), self.final_sparsity, allocation, min_density=min_density)
 
     def _restrict(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,7 +197,7 @@ class GradualMagnitude(_CubicSchedule, Pruner):
             raise PrunekitError(f"initial_sparsity {initial_sparsity} exceeds final_sparsity {final_sparsity}")
         _check_steps(start_step, end_step, frequency)
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
-        self.allocation, self.min_density = _check_allocation(allocation), min_density
+        self.allocation, self.min_density = check_allocation(allocation), min_density
         self._on_step()
 
     def _on_step(self) -> None:
@@ -241,7 +231,7 @@ class IterativeMagnitude(Pruner):
         if rewind_step < 0:
             raise PrunekitError(f"rewind_step {rewind_step!r} must be >= 0")
         self.rounds, self.rewind_step, self.rewind = rounds, rewind_step, rewind
-        self.allocation, self.min_density = _check_allocation(allocation), min_density
+        self.allocation, self.min_density = check_allocation(allocation), min_density
         self.round = 0
         self.snapshot: dict[str, torch.Tensor] | None = None
         if rewind_step == 0:

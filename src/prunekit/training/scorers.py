@@ -1,7 +1,8 @@
 """Scores for pruning at (or near) initialization. Higher means keep, as everywhere in prunekit.
 
-Each scorer returns `{weight name: score tensor}` for `prunable_weights(model)` and leaves the model as it found it
-(weights, buffers such as BatchNorm statistics, train/eval mode, and `.grad`).
+Each scorer returns `{weight name: score tensor}` for `target_weights(model)` and leaves the model as it found it
+(weights, buffers such as BatchNorm statistics, train/eval mode, and `.grad`). The data-free scores (magnitude,
+random) are the tensor functions of `prunekit.weights.scores`, applied to each weight.
 """
 
 from __future__ import annotations
@@ -15,22 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.training.masks import prunable_weights
-from prunekit.weights import scores as weight_scores
+from prunekit.targets import target_weights
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
-    """|w| of every prunable weight (Han et al. 2015)."""
-    return {n: weight_scores.magnitude_scores(w.detach()) for n, w in prunable_weights(model).items()}
-
-
-def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Uniform random scores, reproducible under `seed`: the baseline every scorer must beat."""
-    generator = torch.Generator().manual_seed(seed)
-    return {n: weight_scores.random_scores(w, generator) for n, w in prunable_weights(model).items()}
 
 
 class _Preserved:
@@ -67,7 +56,7 @@ def _check_batches(batches: Batches | None, scorer: str) -> list[tuple[torch.Ten
 def snip_scores(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_entropy) -> dict[str, torch.Tensor]:
     """SNIP connection sensitivity |∂L/∂w ⊙ w| (Lee et al. 2019, Eq. 6), gradients summed over `batches`."""
     batches = _check_batches(batches, "SNIP")
-    weights = prunable_weights(model)
+    weights = target_weights(model)
     with _Preserved(model):
         for inputs, labels in batches:
             loss_fn(model(inputs), labels).backward()
@@ -84,7 +73,7 @@ def grasp_scores(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_e
     can be negative: use them with `global` or `uniform` allocation, not `lamp`.
     """
     batches = _check_batches(batches, "GraSP")
-    weights = prunable_weights(model)
+    weights = target_weights(model)
     params = list(weights.values())
     with _Preserved(model):
         grads = [torch.zeros_like(p) for p in params]
@@ -119,7 +108,7 @@ def synflow_scores(model: nn.Module, input_shape: tuple[int, ...],
                             f"got {input_shape!r}")
     clone = copy.deepcopy(model).double().eval()
     _linearize(clone)
-    weights = prunable_weights(clone)
+    weights = target_weights(clone)
     if masks:
         with torch.no_grad():
             for name, mask in masks.items():

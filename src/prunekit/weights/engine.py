@@ -1,62 +1,146 @@
 """The sequential engine: calibrate and prune a transformer one block at a time.
 
-The inputs of the first block are captured once. Then, for each block: run the calibration samples through it
-while hooks gather statistics of every projection's input, prune the block, and run it again so that the next
-block is calibrated on the outputs of the *pruned* block (as in SparseGPT and Wanda). Memory is one block on the
-compute device plus the calibration activations (kept on `activation_device`), never the whole model's.
+One pass of the model, with every block standing in as the identity, records what each block is called with: the
+hidden states entering block 0 and every block's own other arguments (attention masks and rotary embeddings differ
+between layer types: sliding and full attention in Gemma 2/3 and windowed Qwen, no rotary embedding on some
+SmolLM3 layers). Then, for each block: run the calibration samples through it while hooks gather statistics of
+every projection's input, prune the block, and run it again so that the next block is calibrated on the outputs of
+the *pruned* block (as in SparseGPT and Wanda). Memory is one block on the compute device plus the calibration
+activations (kept on `activation_device`), never the whole model's.
+
+Pruning returns its keep-masks (one per targeted weight, in the parameter's own layout and by its full name) when
+asked, in the form `prunekit.training.Masks` takes, so that the zeros can be held while fine-tuning.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from prunekit.adapters import Adapter, projection_weight, set_projection_weight
+from prunekit.adapters import Adapter, is_conv1d, projection_weight, set_projection_weight
+from prunekit.allocation import outlier_ratio, owl_sparsities
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
-from prunekit.select import owl_sparsities
 from prunekit.weights.methods import PruneOptions, WeightMethod
 from prunekit.weights.scores import wanda_scores
 from prunekit.weights.stats import InputStats
 
+Arguments = tuple[tuple, dict]
+"""A block's positional arguments after the hidden states, and its keyword arguments."""
+
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once the first block's inputs are known."""
+    """Raised once the last block's arguments are recorded: the final norm and the head need not run."""
 
 
 @dataclass
 class BlockInput:
-    """One calibration batch as a block receives it: hidden states plus the other arguments of its forward."""
+    """One batch: the hidden states entering the next block to run, and every block's own arguments.
+
+    `arguments[i]` is what the model passes block i besides the hidden states. A tensor that several blocks receive
+    (the mask or rotary embedding of one layer type) is held once.
+    """
 
     hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
+    arguments: list[Arguments]
 
 
-def _to(value, device):
+def _to(value, device: torch.device, copies: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """`value` with its tensors on `device`; a tensor met again (same object) reuses its first copy."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if id(value) not in copies:  # the original is kept alive beside its copy, so that its id stays unique
+            copies[id(value)] = (value, value.to(device))
+        return copies[id(value)][1]
     if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(_to(v, device, copies) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, copies) for k, v in value.items()}
     return value
 
 
-def _outside_blocks(model: nn.Module, blocks: nn.ModuleList) -> Iterator[nn.Module]:
-    """The modules that hold every parameter and buffer of `model` not inside `blocks`."""
-    for child in model.children():
-        if child is blocks:
-            continue
-        if any(m is blocks for m in child.modules()):
-            yield from _outside_blocks(child, blocks)
-        else:
-            yield child
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Arguments]:
+    """A block call's hidden states (first positional argument, or the `hidden_states` keyword) and the rest."""
+    if args:
+        return args[0], (tuple(args[1:]), dict(kwargs))
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), ((), kwargs)
+
+
+def _tensors_on(module: nn.Module, device: torch.device, skip: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of `module` outside `skip`, by name, on `device` (the originals where they are
+    already there), for `functional_call`. Tied parameters are listed once; functional_call ties the others."""
+    inside = {id(t) for t in chain(skip.parameters(), skip.buffers())} if skip is not None else set()
+    return {name: tensor.to(device) for name, tensor in chain(module.named_parameters(), module.named_buffers())
+            if id(tensor) not in inside}
+
+
+class _StandIns:
+    """While entered, every block returns the hidden states it is given without computing anything, and records
+    the arguments it is called with, as the model passes them (before any other pre-hook of the block).
+
+    `first_output`, when set, is what block 0 returns instead: then the model's own code after the blocks (final
+    norm, head, logit soft-capping) runs on it. The engine replays block i on block i-1's output, so every block
+    must receive exactly what the block before it returned; a model that changes the hidden states between blocks,
+    or calls them out of order, is refused.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, *, stop_after_last: bool = False,
+                 first_output: torch.Tensor | None = None) -> None:
+        self.blocks = blocks
+        self.stop_after_last = stop_after_last
+        self.first_output = first_output
+        self.calls: list[tuple[torch.Tensor, Arguments]] = []
+        self._returned: torch.Tensor | None = None
+        self._saved: list[Any] = []
+        self._handles: list = []
+
+    def _record(self, index: int):
+        def hook(module, args, kwargs):
+            hidden, arguments = _split(args, kwargs)
+            if index != len(self.calls) or (index > 0 and hidden is not self._returned):
+                raise PrunekitError(
+                    f"block {index} is not called with the output of block {index - 1}: this model changes the "
+                    "hidden states between its blocks or calls them out of order, which the sequential engine "
+                    "cannot replay")
+            self.calls.append((hidden, arguments))
+            if self.stop_after_last and index == len(self.blocks) - 1:
+                raise _Captured
+
+        return hook
+
+    def _stand_in(self, index: int):
+        def forward(*args, **kwargs):
+            hidden, _ = _split(args, kwargs)
+            self._returned = self.first_output if index == 0 and self.first_output is not None else hidden
+            return self._returned
+
+        return forward
+
+    def __enter__(self) -> _StandIns:
+        for index, block in enumerate(self.blocks):
+            # an instance-level forward (accelerate's offload hooks install one) is put back on exit
+            self._saved.append(vars(block).get("forward"))
+            block.forward = self._stand_in(index)
+            self._handles.append(block.register_forward_pre_hook(self._record(index), with_kwargs=True, prepend=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for block, forward in zip(self.blocks, self._saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+        self._handles, self._saved = [], []
 
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
@@ -68,45 +152,76 @@ def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, token_ids: torch.Tensor, *, batch_size: int,
     device: torch.device, activation_device: torch.device,
 ) -> list[BlockInput]:
-    """Run the model up to its first block for each calibration batch and keep what the block receives."""
+    """For each batch, the hidden states entering block 0 and the arguments every block receives.
+
+    One pass per batch through what the model computes before and between its blocks (embeddings, masks, rotary
+    embeddings) on `device`, from copies of those weights there (the model is not moved). The blocks stand in as
+    the identity and the pass stops at the last block, so no block, final norm or head is computed.
+    """
+    outside = _tensors_on(model, device, skip=blocks)
     captured: list[BlockInput] = []
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockInput(hidden.to(activation_device), _to(tuple(args[1:]), activation_device),
-                                   _to(kwargs, activation_device)))
-        raise _Captured
-
-    outside = list(_outside_blocks(model, blocks))
-    home = next(model.parameters()).device
-    for module in outside:
-        module.to(device)
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for batch in token_ids.split(batch_size):
-                with contextlib.suppress(_Captured):
-                    model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        handle.remove()
-        for module in outside:
-            module.to(home)
-    for i, item in enumerate(captured):
-        _check_finite(item.hidden, f"entering block 0 (calibration batch {i})")
+    with _StandIns(blocks, stop_after_last=True) as stand_ins, torch.inference_mode():
+        for i, batch in enumerate(token_ids.split(batch_size)):
+            stand_ins.calls.clear()
+            with contextlib.suppress(_Captured):
+                functional_call(model, outside, (), {"input_ids": batch.to(device), "use_cache": False})
+            if len(stand_ins.calls) != len(blocks):
+                raise PrunekitError(f"the model called {len(stand_ins.calls)} of its {len(blocks)} blocks in a "
+                                    "forward pass; the sequential engine needs every block called once, in order")
+            hidden = stand_ins.calls[0][0]
+            _check_finite(hidden, f"entering block 0 (batch {i})")
+            copies: dict = {}
+            captured.append(BlockInput(_to(hidden, activation_device, copies),
+                                       [_to(arguments, activation_device, copies) for _, arguments in stand_ins.calls]))
     return captured
 
 
-def _forward(block: nn.Module, item: BlockInput, device: torch.device) -> torch.Tensor:
-    out = block(item.hidden.to(device), *_to(item.args, device), **_to(item.kwargs, device))
+def _forward(block: nn.Module, index: int, item: BlockInput, device: torch.device,
+             tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    args, kwargs = _to(item.arguments[index], device, {})
+    hidden = item.hidden.to(device)
+    if tensors is None:
+        out = block(hidden, *args, **kwargs)
+    else:
+        out = functional_call(block, tensors, (hidden, *args), kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device) -> list[BlockInput]:
-    """Forward every calibration batch through one block; outputs stay where the inputs were."""
+def run_block(block: nn.Module, index: int, inputs: list[BlockInput], device: torch.device,
+              tensors: dict[str, torch.Tensor] | None = None) -> list[BlockInput]:
+    """Forward every batch through `block`, the model's block number `index`; outputs stay where the inputs were.
+
+    The block computes with its own weights, which must be on `device`, or with `tensors` (its parameters and
+    buffers by name, on `device`) in their place.
+    """
     with torch.inference_mode():
-        return [BlockInput(_forward(block, item, device).to(item.hidden.device), item.args, item.kwargs)
+        return [BlockInput(_forward(block, index, item, device, tensors).to(item.hidden.device), item.arguments)
                 for item in inputs]
+
+
+def blockwise_forward(
+    model: nn.Module, blocks: nn.ModuleList, token_ids: torch.Tensor, *, batch_size: int, device: torch.device,
+    activation_device: torch.device, progress: bool = False,
+) -> Iterator[Any]:
+    """The outputs of `model(input_ids=batch, use_cache=False)` for each batch of `token_ids`, computed on `device`
+    one block at a time, as pruning places them: `device` holds one block's weights (copies: the model is neither
+    moved nor changed), the weights outside the blocks, and one batch's outputs; the activations of every batch
+    wait on `activation_device` between blocks.
+
+    The model's own code runs before the blocks (`capture_block_inputs`) and after them (final norm, head, logit
+    soft-capping), with the blocks standing in and block 0 returning the last block's output, so the result equals
+    a normal forward pass for any model whose blocks pass their output on unchanged.
+    """
+    inputs = capture_block_inputs(model, blocks, token_ids, batch_size=batch_size, device=device,
+                                  activation_device=activation_device)
+    for index, block in enumerate(tqdm(blocks, desc="forward block by block", unit="block", disable=not progress)):
+        inputs = run_block(block, index, inputs, device, _tensors_on(block, device))
+    outside = _tensors_on(model, device, skip=blocks)
+    for batch, item in zip(token_ids.split(batch_size), inputs, strict=True):
+        # the stand-ins are removed before the caller sees the output, even if it never asks for the next one
+        with _StandIns(blocks, first_output=item.hidden.to(device)), torch.inference_mode():
+            output = functional_call(model, outside, (), {"input_ids": batch.to(device), "use_cache": False})
+        yield output
 
 
 class _LastInputRecorded(Exception):
@@ -131,8 +246,9 @@ class InputGroups:
         self._arrival: list[tuple[str, ...]] = []  # groups in the order their inputs arrive, learnt on one batch
         self._stop_at: tuple[str, ...] | None = None
 
-    def calibrate(self, block: nn.Module, inputs: list[BlockInput], device: torch.device) -> None:
-        """Record the inputs of every projection for all calibration batches, discarding the block's outputs.
+    def calibrate(self, block: nn.Module, index: int, inputs: list[BlockInput], device: torch.device) -> None:
+        """Record the inputs of every projection of block `index` for all calibration batches, discarding the
+        block's outputs.
 
         The first batch runs the whole block and shows which projection input arrives last; later batches stop
         there, which skips the last projection's own product (the MLP down projection: a quarter of the work).
@@ -142,7 +258,7 @@ class InputGroups:
         with self.recording(), torch.inference_mode():
             for item in inputs:
                 with contextlib.suppress(_LastInputRecorded):
-                    _forward(block, item, device)
+                    _forward(block, index, item, device)
                 self._stop_at = self._stop_at or self._arrival[-1]
         tokens = sum(item.hidden.shape[:-1].numel() for item in inputs)
         for group, stats in self.stats.items():
@@ -197,32 +313,43 @@ def owl_plan(
     """Outlier ratios of the dense model's Wanda scores per block, then OWL's layer-wise sparsities."""
     blocks = adapter.block_list(model)
     ratios, sizes = [], []
-    for block in tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=not progress):
+    for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
         groups = InputGroups(adapter, block, hessian=False, device=device)
         with groups.recording():
-            inputs = run_block(block, inputs, device)
+            inputs = run_block(block, index, inputs, device)
         scores = [
             wanda_scores(projection_weight(groups.projections[name]), groups.stats[group].norms)
             for group in groups.groups
             for name in group
         ]
-        total = sum(s.numel() for s in scores)
-        mean = sum(s.sum().item() for s in scores) / total
-        ratios.append(sum((s > threshold * mean).sum().item() for s in scores) / total)
-        sizes.append(total)
+        ratios.append(outlier_ratio(scores, threshold))
+        sizes.append(sum(s.numel() for s in scores))
         block.to(home)
     return BlockPlan(owl_sparsities(ratios, sparsity, limit, sizes), ratios)
+
+
+def _parameter_layout(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A [out, in] keep-mask in the layout of the module's weight parameter (GPT-2's Conv1D stores [in, out])."""
+    return mask.t().contiguous() if is_conv1d(module) else mask
 
 
 def prune_sequentially(
     model: nn.Module, adapter: Adapter, method: WeightMethod, *, sparsities: list[float], pattern: Pattern,
     inputs: list[BlockInput] | None, options: PruneOptions, device: torch.device, progress: bool,
-    on_block: Callable[[int], None] | None = None,
-) -> None:
-    """Prune every block in order, calibrating each on the outputs of the already pruned blocks before it."""
+    keep_masks: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Prune every block in order, calibrating each on the outputs of the already pruned blocks before it.
+
+    Each input group is decided by `method` (masks, and updated weights for reconstruction), then applied. With
+    `keep_masks`, returns the keep-mask of every targeted weight by its parameter name (`<block prefix>.<i>.
+    self_attn.q_proj.weight`), boolean, in the parameter's layout and on its device: the form
+    `prunekit.training.Masks` takes. A block left dense (sparsity 0) has all-True masks. Otherwise returns {}.
+    """
     blocks = adapter.block_list(model)
+    prefix = adapter.block_prefix(model)
+    masks: dict[str, torch.Tensor] = {}
     bar = tqdm(blocks, desc=f"{method.name} {pattern if pattern.is_nm else 'unstructured'}", unit="block",
                disable=not progress)
     for index, block in enumerate(bar):
@@ -232,19 +359,27 @@ def prune_sequentially(
         # sparsity 0 is a no-op: SparseGPT would otherwise still zero the weights of inputs that never fire
         active = pattern.is_nm or sparsities[index] > 0
         if method.statistics is not None and active:
-            groups.calibrate(block, inputs, device)
+            groups.calibrate(block, index, inputs, device)
+        decided: dict[str, torch.Tensor] = {}
         for ordinal, group in enumerate(groups.groups if active else ()):
             modules = [groups.projections[name] for name in group]
             generator = torch.Generator(device=device).manual_seed(options.seed * 1_000_003 + index * 1009 + ordinal)
             stats = groups.stats[group] if method.statistics is not None else None
             weights = [projection_weight(m) for m in modules]
-            for module, pruned in zip(modules, method.prune_group(weights, stats, sparsities[index], pattern,
-                                                                  options, generator), strict=True):
+            decision = method.prune_group(weights, stats, sparsities[index], pattern, options, generator)
+            for name, module, pruned, keep in zip(group, modules, decision.pruned(weights), decision.masks,
+                                                  strict=True):
                 set_projection_weight(module, pruned)
+                decided[name] = keep
         if method.statistics is not None and index + 1 < len(blocks):
-            inputs = run_block(block, inputs, device)
+            inputs = run_block(block, index, inputs, device)
             for i, item in enumerate(inputs):
                 _check_finite(item.hidden, f"leaving block {index} (calibration batch {i})")
         block.to(home)
-        if on_block is not None:
-            on_block(index)
+        if keep_masks:
+            for name, module in groups.projections.items():
+                keep = decided.get(name)
+                masks[f"{prefix}.{index}.{name}.weight"] = (
+                    torch.ones_like(module.weight, dtype=torch.bool) if keep is None
+                    else _parameter_layout(module, keep).to(home))
+    return masks

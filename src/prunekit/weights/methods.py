@@ -1,7 +1,9 @@
-"""One-shot weight pruning methods: each is scores -> selection -> apply, or a reconstruction kernel.
+"""One-shot weight pruning methods: each is scores -> selection, or a reconstruction kernel.
 
-A method prunes the projections of one *input group* (projections that read the same input, such as q, k and v)
-given the calibration statistics of that input. Methods that need no calibration get `stats=None`.
+A method decides for the projections of one *input group* (projections that read the same input, such as q, k and
+v) given the calibration statistics of that input; methods that need no calibration get `stats=None`. It returns a
+`GroupDecision` (keep-masks, and updated weights for reconstruction methods) and changes nothing: applying the
+decision is the engine's separate step.
 """
 
 from __future__ import annotations
@@ -36,14 +38,33 @@ class PruneOptions:
         return {"seed": self.seed, "blocksize": self.blocksize, "damping": self.damping}
 
 
+@dataclass
+class GroupDecision:
+    """What a method chose for the weights of one input group, in their order, each [out, in].
+
+    masks: keep-masks (True = keep).
+    weights: for reconstruction methods, the updated weights (zero wherever the mask is False); None when the
+        kept weights keep their values.
+    """
+
+    masks: list[torch.Tensor]
+    weights: list[torch.Tensor] | None = None
+
+    def pruned(self, originals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The weights to write back: the updated weights, or the originals with the removed entries zeroed."""
+        if self.weights is not None:
+            return self.weights
+        return [w.masked_fill(~keep, 0) for w, keep in zip(originals, self.masks, strict=True)]
+
+
 ScoreFn = Callable[[torch.Tensor, "InputStats | None", torch.Generator], torch.Tensor]
 GroupPruner = Callable[[list[torch.Tensor], InputStats | None, float, Pattern, PruneOptions, torch.Generator],
-                       list[torch.Tensor]]
+                       GroupDecision]
 
 
 @dataclass(frozen=True)
 class WeightMethod:
-    """A named method: which calibration statistics it needs and how it prunes one input group."""
+    """A named method: which calibration statistics it needs and how it decides for one input group."""
 
     name: str
     statistics: str | None  # None, "norms" or "hessian"
@@ -53,24 +74,20 @@ class WeightMethod:
 
 
 def scored_method(name: str, statistics: str | None, comparison: str, score: ScoreFn, summary: str) -> WeightMethod:
-    """A method that is exactly score -> select -> apply the mask, with no weight update."""
+    """A method that is exactly score -> select, with no weight update."""
 
     def prune_group(weights, stats, sparsity, pattern, options, generator):
-        return [
-            weight * select_mask(score(weight, stats, generator), sparsity, pattern, comparison).to(weight.dtype)
-            for weight in weights
-        ]
+        return GroupDecision([select_mask(score(w, stats, generator), sparsity, pattern, comparison) for w in weights])
 
     return WeightMethod(name, statistics, comparison, prune_group, summary)
 
 
 def _sparsegpt_group(weights, stats, sparsity, pattern, options, generator):
     stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-    updated, _ = sparsegpt_prune(
-        stacked, stats.hessian, sparsity=sparsity, pattern=pattern, blocksize=options.blocksize,
-        damping=options.damping, row_groups=[w.shape[0] for w in weights],
-    )
-    return list(updated.split([w.shape[0] for w in weights]))
+    rows = [w.shape[0] for w in weights]
+    updated, keep = sparsegpt_prune(stacked, stats.hessian, sparsity=sparsity, pattern=pattern,
+                                    blocksize=options.blocksize, damping=options.damping, row_groups=rows)
+    return GroupDecision(list(keep.split(rows)), list(updated.split(rows)))
 
 
 METHODS: dict[str, WeightMethod] = {

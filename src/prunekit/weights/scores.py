@@ -1,6 +1,8 @@
 """Importance scores for single weights. Pure functions: tensors in, tensors out; higher means keep.
 
-Weights are laid out [out_features, in_features] (the layout of `nn.Linear`).
+The one magnitude and the one random scorer of prunekit, for one-shot and training-time pruning alike. Wanda's
+weights are laid out [out_features, in_features] (the layout of `nn.Linear`); magnitude and random scores keep
+whatever layout they are given.
 """
 
 from __future__ import annotations
@@ -16,14 +18,10 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 (Wanda, Sun et al. 2024, Eq. 1): weight magnitude times the L2 norm of its input
     feature over all calibration tokens."""
-    return weight.abs().float() * input_norms.float().unsqueeze(0)
+    return magnitude_scores(weight) * input_norms.float().unsqueeze(0)
 
 
 def random_scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Uniform random scores: the baseline every method must beat."""
     return torch.rand(weight.shape, generator=generator, device=generator.device)
 
-
-def outlier_ratio(scores: torch.Tensor, multiplier: float) -> float:
-    """Share of scores above `multiplier` times their mean: OWL's layer outlier distribution (Yin et al. 2024)."""
-    return (scores > multiplier * scores.mean()).float().mean().item()

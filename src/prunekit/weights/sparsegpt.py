@@ -15,7 +15,7 @@ import torch
 
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
-from prunekit.select import nm_mask, removal_count
+from prunekit.select import fraction_count, nm_mask
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -75,7 +75,7 @@ def sparsegpt_prune(
         if not pattern.is_nm:
             saliency = block.square() / diag.square()
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                k = removal_count((hi - lo) * (end - start), sparsity)
+                k = fraction_count((hi - lo) * (end - start), sparsity)
                 if k:
                     drop = torch.topk(saliency[lo:hi].flatten(), k, largest=False, sorted=False).indices
                     block_keep[lo:hi].view(-1)[drop] = False

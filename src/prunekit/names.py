@@ -1,0 +1,15 @@
+"""The names a user types for methods, allocations and modes, in one module that imports nothing heavy.
+
+The command line lists them in its help and checks them without importing torch (which takes seconds); the
+registries that implement them (`prunekit.api`, `prunekit.data.api`) are keyed by the same names, and
+tests/test_names.py checks that each registry and its names agree.
+"""
+
+ONESHOT_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+# Every allocation (`prunekit.allocation`); one-shot pruning gives each block one sparsity and uses the allocations
+# that differ between blocks of a transformer (ERK/ER depend only on shapes, equal in every block).
+ALLOCATIONS = ("uniform", "global", "global-min", "lamp", "erk", "er", "owl")
+ONESHOT_ALLOCATIONS = ("uniform", "global", "lamp", "owl")
+DATA_METHODS = ("random", "semdedup", "prototypes", "perplexity", "loss", "el2n", "grand", "forgetting", "aum",
+                "entropy", "margin")
+DATA_MODES = ("hard", "easy", "band", "ccs")
