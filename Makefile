@@ -29,7 +29,7 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
-# Accuracy and quality benchmarks (about 40 + 50 + 30 minutes); bench-timing needs an otherwise idle machine.
+# Accuracy and quality benchmarks (about 60 + 50 + 30 minutes); bench-timing needs an otherwise idle machine.
 bench: bench-llm bench-data bench-training bench-timing
 
 bench-llm: setup
@@ -46,6 +46,7 @@ bench-training: setup
 	$(BIN)/python bench/tables.py
 
 bench-timing: setup
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/data_throughput.py --threads 2
 	$(BIN)/python bench/training.py --overhead --threads 1
 	$(BIN)/python bench/tables.py

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-TABLES = ("data_fmnist", "infobatch", "data_text", "data_throughput", "training", "training.overhead")
+TABLES = ("data_fmnist", "infobatch", "data_text", "data_throughput", "training", "training.overhead", "startup")
 
 
 def main() -> int:
