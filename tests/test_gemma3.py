@@ -5,22 +5,20 @@ Gemma 3 alternates five sliding-window layers (window 512, local rotary base 10^
 calibration and evaluation sets keep the module at about two minutes on 2 cores.
 """
 
-import copy
 
 import pytest
 import torch
 
-import prunekit
 from prunekit.adapters import adapter_for
 from prunekit.assets import LoadedModel, load_causal_lm
 from prunekit.corpus import calibration_tokens, evaluation_windows
-from prunekit.measure import nm_violations, perplexity
+from prunekit.measure import perplexity
 from prunekit.weights.engine import capture_block_inputs, run_block
+from real_models import pruned_perplexity_runner
 
 pytestmark = pytest.mark.slow
 
 # 16 x 256 tokens: with 8 x 256 SparseGPT's Hessians are too poorly estimated and it falls behind Wanda at 50%.
-CALIB = dict(calibration="wiki-summaries", calibration_samples=16, calibration_seq_len=256, progress=False)
 CPU = torch.device("cpu")
 
 # Perplexity over dense measured with CALIB on the 8 x 256 evaluation windows below (dense 45.41; no BOS token in
@@ -51,21 +49,7 @@ def dense_perplexity(gemma3, eval_ids) -> float:
 @pytest.fixture(scope="module")
 def pruned_perplexity(gemma3, eval_ids):
     """Perplexity after pruning a fresh copy of Gemma-3-270M with each (method, budget) pair, computed once."""
-    cache = {}
-
-    def run(method: str, budget: str) -> float:
-        if (method, budget) not in cache:
-            model = copy.deepcopy(gemma3.model)
-            pattern = budget if ":" in budget else None
-            sparsity = None if pattern else float(budget)
-            prunekit.prune(model, gemma3.tokenizer, method=method, sparsity=sparsity, pattern=pattern, **CALIB)
-            if pattern:
-                n, m = map(int, pattern.split(":"))
-                assert all(nm_violations(w, n, m) == 0 for w in prunekit.target_weights(model).values())
-            cache[method, budget] = perplexity(model, eval_ids, progress=False)["perplexity"]
-        return cache[method, budget]
-
-    return run
+    return pruned_perplexity_runner(gemma3, eval_ids)
 
 
 @pytest.mark.parametrize("budget", ["0.5", "2:4"])

@@ -14,6 +14,12 @@ def test_oneshot_names_match_the_method_registry():
     assert set(names.ONESHOT_ALLOCATIONS) <= set(names.ALLOCATIONS)
 
 
+def test_depth_names_match_the_depth_registry():
+    from prunekit.depth.api import DEPTH_METHODS
+
+    assert tuple(DEPTH_METHODS) == names.DEPTH_METHODS
+
+
 def test_data_names_match_the_data_registry():
     from prunekit.data import api
 

@@ -12,16 +12,16 @@ from prunekit.adapters import adapter_for, projection_weight
 from prunekit.assets import model_path
 from prunekit.budget import Pattern
 from prunekit.corpus import calibration_tokens, evaluation_windows
-from prunekit.measure import nm_violations, perplexity
+from prunekit.measure import perplexity
 from prunekit.measure.protocol import weights_sha256
 from prunekit.select import select_mask
 from prunekit.weights.scores import wanda_scores
 from prunekit.weights.sparsegpt import sparsegpt_prune
 from prunekit.weights.stats import InputStats
+from real_models import CALIB, pruned_perplexity_runner
 
 pytestmark = pytest.mark.slow
 
-CALIB = dict(calibration="wiki-summaries", calibration_samples=16, calibration_seq_len=256, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +32,7 @@ def eval_ids(smollm2):
 @pytest.fixture(scope="module")
 def pruned_perplexity(smollm2, eval_ids):
     """Perplexity after pruning a fresh copy of SmolLM2 with each (method, budget) pair, computed once."""
-    cache = {}
-
-    def run(method: str, budget: str) -> float:
-        if (method, budget) not in cache:
-            model = copy.deepcopy(smollm2.model)
-            pattern = budget if ":" in budget else None
-            sparsity = None if pattern else float(budget)
-            prunekit.prune(model, smollm2.tokenizer, method=method, sparsity=sparsity, pattern=pattern, **CALIB)
-            if pattern:
-                n, m = map(int, pattern.split(":"))
-                assert all(nm_violations(w, n, m) == 0 for w in prunekit.target_weights(model).values())
-            cache[method, budget] = perplexity(model, eval_ids, progress=False)["perplexity"]
-        return cache[method, budget]
-
-    return run
+    return pruned_perplexity_runner(smollm2, eval_ids)
 
 
 @pytest.fixture(scope="module")

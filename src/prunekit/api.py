@@ -12,16 +12,18 @@ from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsiti
 from prunekit.artifacts import load_pruned, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
 from prunekit.corpus import calibration_tokens, evaluation_windows
+from prunekit.depth import prune_depth
 from prunekit.errors import PrunekitError
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
+from prunekit.structure import check_saveable, prune_structure
 from prunekit.targets import projection_weights, target_weights
 from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
 from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
 from prunekit.weights.scores import magnitude_scores
 
 __all__ = ["ALLOCATIONS", "METHODS", "ONESHOT_ALLOCATIONS", "check_lengths", "check_prune_options", "evaluate", "load",
-           "prune", "save", "target_weights"]
+           "prune", "prune_depth", "prune_structure", "save", "target_weights"]
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -278,7 +280,10 @@ def prune(
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, overwrite: bool = False) -> Path:
-    """Write a Hugging Face model directory (safetensors) with `prunekit.json` beside it, atomically."""
+    """Write a Hugging Face model directory (safetensors) with `prunekit.json` beside it, atomically.
+
+    A structurally pruned model whose blocks differ in width is refused (a config cannot state its widths)."""
+    check_saveable(model)
     return save_pruned(model, tokenizer, out_dir, record, overwrite=overwrite)
 
 

@@ -61,13 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="prunekit", description="Prune neural networks and measure the result.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("prune", help="one-shot weight pruning of a causal LM, saved as a Hugging Face directory")
+    p = verbs.add_parser("prune", help="prune a causal LM's weights, structures (heads, neurons) or blocks; saved as "
+                         "a Hugging Face directory")
     _common(p)
-    p.add_argument("--method", default="wanda", help=f"one of {', '.join(names.ONESHOT_METHODS)} (default: wanda)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1)")
-    p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4")
+    p.add_argument("--method", default="wanda",
+                   help=f"weights: {', '.join(names.ONESHOT_METHODS)} (default: wanda); structures: "
+                        f"{', '.join(names.STRUCTURE_METHODS)}; blocks: {', '.join(names.DEPTH_METHODS)}")
+    p.add_argument("--object", choices=OBJECTS, default=None,
+                   help="what is pruned (default: told by the method and budget; needed for 'random' with --remove)")
+    p.add_argument("--sparsity", type=float, default=None, help="weights: fraction removed, in [0, 1)")
+    p.add_argument("--pattern", default=None, help="weights: 'unstructured' (default) or N:M, e.g. 2:4")
+    p.add_argument("--remove", type=float, default=None,
+                   help="structures or blocks: fraction of all the model's parameters removed, in (0, 1)")
+    p.add_argument("--blocks", type=count(1), default=None, help="blocks: number of transformer blocks removed")
+    p.add_argument("--units", default=None,
+                   help="structures: heads, neurons, or heads,neurons (default); a KV head goes with its query heads")
+    p.add_argument("--round-to", type=count(1), default=None, help="structures: kept neuron counts a multiple of it")
     p.add_argument("--allocation", default="uniform",
-                   help=f"per-block sparsity: {', '.join(names.ONESHOT_ALLOCATIONS)}")
+                   help=f"per-block budget: weights {', '.join(names.ONESHOT_ALLOCATIONS)}; structures "
+                        f"{', '.join(names.STRUCTURE_ALLOCATIONS)}")
     p.add_argument("--owl-threshold", type=float, default=5.0, help="OWL outlier multiple M (default 5)")
     p.add_argument("--owl-limit", type=float, default=0.08, help="OWL largest per-block deviation (default 0.08)")
     p.add_argument("--calib", default="wiki-summaries", help="calibration text: asset name or local file")
@@ -97,6 +109,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OBJECTS = ("weights", "structures", "blocks")
+# Options that apply to one object only; giving one for another object is refused, never silently ignored.
+_OPTIONS_OF = {"weights": ("sparsity", "pattern"), "structures": ("remove", "units", "round_to"),
+               "blocks": ("remove", "blocks")}
+
+
+def _prune_object(args: argparse.Namespace) -> str:
+    """What `prunekit prune` prunes, from --object or else from the method and the budget options."""
+    families = {"weights": names.ONESHOT_METHODS, "structures": names.STRUCTURE_METHODS,
+                "blocks": names.DEPTH_METHODS}
+    if args.object is not None:
+        kind = args.object
+    else:
+        candidates = [k for k, methods in families.items() if args.method in methods]
+        if not candidates:
+            raise PrunekitError(f"unknown method '{args.method}'; weights: {', '.join(names.ONESHOT_METHODS)}; "
+                                f"structures: {', '.join(names.STRUCTURE_METHODS)}; blocks: "
+                                f"{', '.join(names.DEPTH_METHODS)}")
+        if len(candidates) > 1:  # 'random' is the baseline of every object
+            given = [k for k in candidates if any(getattr(args, o) is not None for o in _OPTIONS_OF[k])]
+            if args.blocks is not None:
+                given = ["blocks"]
+            if len(given) > 1:
+                raise PrunekitError(f"method '{args.method}' exists for {' and '.join(given)}; say which with "
+                                    f"--object {' or --object '.join(given)}")
+            candidates = given or ["weights"]
+        kind = candidates[0]
+    if args.method not in families[kind]:
+        raise PrunekitError(f"method '{args.method}' does not prune {kind}; {kind}: {', '.join(families[kind])}")
+    for option in sorted({o for options in _OPTIONS_OF.values() for o in options} - set(_OPTIONS_OF[kind])):
+        if getattr(args, option) is not None:
+            owners = " and ".join(k for k in OBJECTS if option in _OPTIONS_OF[k])
+            raise PrunekitError(f"--{option.replace('_', '-')} applies to {owners}, not to {kind} "
+                                f"(method '{args.method}')")
+    return kind
+
+
+def _units(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _local_path(source) -> str | None:
     """`source` if it names something on disk (a model directory, a text file), else None (an asset name)."""
     return source if source is not None and Path(source).exists() else None
@@ -108,6 +161,8 @@ def _run(args: argparse.Namespace) -> dict:
 
     from prunekit import api
     from prunekit.assets import load_causal_lm
+    from prunekit.depth.api import check_depth_options
+    from prunekit.structure import check_structure_options
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -120,20 +175,42 @@ def _run(args: argparse.Namespace) -> dict:
         check_distinct({"input model": _local_path(args.model), "calibration file": _local_path(calib),
                         "evaluation file": _local_path(evaluation)}, {"output directory": out})
         check_output_dir(out, args.overwrite)
-        api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation, args.blocksize,
-                                args.damping)
+        kind = _prune_object(args)
+        if kind == "weights":
+            api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation, args.blocksize,
+                                    args.damping)
+        elif kind == "structures":
+            units = _units(args.units)
+            check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
+                                    **({"units": units} if units is not None else {}))
+            if args.allocation != "uniform":  # checked now, not after the work: save would refuse the model
+                raise PrunekitError(f"--allocation {args.allocation} gives blocks different widths, which a saved "
+                                    "model cannot state yet; use --allocation uniform")
+        else:
+            check_depth_options(args.method, args.blocks, args.remove)
+        if kind != "weights" and args.device is not None:
+            raise PrunekitError(f"--device applies to pruning weights; {kind} are pruned where the model is")
+        if kind == "blocks" and args.allocation != "uniform":
+            raise PrunekitError("--allocation applies to weights and structures, not to blocks")
         api.check_lengths(args.model, calibration_seq_len=args.calib_seq_len,
                           eval_seq_len=None if evaluation is None else args.eval_seq_len)
         loaded = load_causal_lm(args.model)
-        record = api.prune(
-            loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-            allocation=args.allocation, calibration=calib, calibration_samples=args.calib_samples,
-            calibration_seq_len=args.calib_seq_len, seed=args.seed, owl_threshold=args.owl_threshold,
-            owl_limit=args.owl_limit, blocksize=args.blocksize, damping=args.damping,
-            evaluation=evaluation, eval_seq_len=args.eval_seq_len,
-            eval_windows=args.eval_windows or None, batch_size=args.batch_size, device=args.device,
-            progress=progress, model_source=args.model,
-        )
+        common = dict(calibration=calib, calibration_samples=args.calib_samples,
+                      calibration_seq_len=args.calib_seq_len, seed=args.seed, evaluation=evaluation,
+                      eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows or None,
+                      batch_size=args.batch_size, progress=progress, model_source=args.model)
+        if kind == "structures":
+            record = api.prune_structure(loaded.model, loaded.tokenizer, method=args.method, remove=args.remove,
+                                         allocation=args.allocation, round_to=args.round_to,
+                                         **({"units": units} if units is not None else {}), **common)
+        elif kind == "blocks":
+            record = api.prune_depth(loaded.model, loaded.tokenizer, method=args.method, blocks=args.blocks,
+                                     remove=args.remove, **common)
+        else:
+            record = api.prune(
+                loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                allocation=args.allocation, owl_threshold=args.owl_threshold, owl_limit=args.owl_limit,
+                blocksize=args.blocksize, damping=args.damping, device=args.device, **common)
         api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
         record["output"] = str(out)
         return record
@@ -144,14 +221,30 @@ def _run(args: argparse.Namespace) -> dict:
                         progress=progress, model_source=args.model)
 
 
+def _budget_lines(metrics: dict, method: dict) -> list[str]:
+    """What was removed, target beside achieved: sparsity for weights, parameters for structures and blocks."""
+    if "removed_fraction" not in metrics:
+        sparsity = metrics["sparsity"]
+        return [f"method     {method['name']}, {method['pattern']}, allocation {method['allocation']}",
+                f"sparsity   target {sparsity['target']:.4f}, achieved {sparsity['achieved']:.4f} "
+                f"of {sparsity['numel']:,} block weights"]
+    fraction, parameters = metrics["removed_fraction"], metrics["parameters"]
+    target = "" if fraction["target"] is None else f"target {fraction['target']:.4f}, "
+    allocation = f", allocation {method['allocation']}" if "allocation" in method else ""
+    lines = [f"method     {method['name']}{allocation}",
+             f"removed    {target}achieved {fraction['achieved']:.4f} of the parameters "
+             f"({parameters['before']:,} -> {parameters['after']:,})"]
+    if "removed_blocks" in metrics:
+        lines.append(f"blocks     removed {metrics['removed_blocks']} ({metrics['blocks']['before']} -> "
+                     f"{metrics['blocks']['after']})")
+    return lines
+
+
 def _summary(record: dict) -> str:
     metrics, method = record["metrics"], record["method"]
     lines = [f"model      {record['model']['source']} ({record['model']['parameters']:,} parameters)"]
     if method["name"] != "none":
-        sparsity = metrics["sparsity"]
-        lines.append(f"method     {method['name']}, {method['pattern']}, allocation {method['allocation']}")
-        lines.append(f"sparsity   target {sparsity['target']:.4f}, achieved {sparsity['achieved']:.4f} "
-                     f"of {sparsity['numel']:,} block weights")
+        lines += _budget_lines(metrics, method)
         prune_res = record["resources"]["prune"]
         lines.append(f"pruning    {prune_res['wall_s']:.1f} s, peak memory {prune_res['peak_rss_mb']:.0f} MB")
         evaluation = record.get("evaluation")

@@ -1,11 +1,15 @@
 """The names a user types for methods, allocations and modes, in one module that imports nothing heavy.
 
 The command line lists them in its help and checks them without importing torch (which takes seconds); the
-registries that implement them (`prunekit.api`, `prunekit.data.api`) are keyed by the same names, and
-tests/test_names.py checks that each registry and its names agree.
+modules that implement them (`prunekit.api`, `prunekit.structure`, `prunekit.depth`, `prunekit.data.api`) use these
+names, and tests/test_names.py checks that each registry and its names agree.
 """
 
 ONESHOT_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+# Structured width pruning (`prunekit.prune_structure`) and depth pruning (`prunekit.prune_depth`).
+STRUCTURE_METHODS = ("l1", "l2", "random", "activation", "wanda-sp", "flap")
+STRUCTURE_ALLOCATIONS = ("uniform", "global")
+DEPTH_METHODS = ("angular", "block-influence", "sleb", "reverse", "random")
 # Every allocation (`prunekit.allocation`); one-shot pruning gives each block one sparsity and uses the allocations
 # that differ between blocks of a transformer (ERK/ER depend only on shapes, equal in every block).
 ALLOCATIONS = ("uniform", "global", "global-min", "lamp", "erk", "er", "owl")

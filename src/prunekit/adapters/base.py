@@ -25,6 +25,11 @@ class Adapter:
         `head_layout` reads them with the head width.
     shared_inputs: groups of projections that read the same input tensor (q, k, v), so calibration statistics
         are gathered once per group.
+    intermediate: config attribute of the MLP width, rewritten after MLP neurons are removed; None where the family
+        does not declare the roles that structured pruning (`prunekit.structure`) needs.
+    bias_flags: (role, config attribute) pairs: setting the attribute True gives every projection of the role
+        ('attention' or 'mlp') a bias, so biases added by structured pruning (FLAP compensation) reload; a config
+        without the attribute cannot hold them.
     """
 
     family: str
@@ -36,6 +41,8 @@ class Adapter:
     heads: str = "num_attention_heads"
     kv_heads: str | None = "num_key_value_heads"
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    intermediate: str | None = None
+    bias_flags: tuple[tuple[str, str], ...] = ()
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         parts = self.blocks.split(".")

@@ -16,6 +16,10 @@ LLAMA = Adapter(
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     norms=("input_layernorm", "post_attention_layernorm"),
     shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+    intermediate="intermediate_size",
+    # Llama and SmolLM3 honour both flags, Gemma, Qwen3 and OLMo only attention_bias, Mistral and Qwen2 neither;
+    # each config class has exactly the attributes its model honours.
+    bias_flags=(("attention", "attention_bias"), ("mlp", "mlp_bias")),
 )
 QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 QWEN3 = replace(LLAMA, family="qwen3", model_types=("qwen3",), norms=LLAMA.norms + QK_NORMS)

@@ -1,0 +1,47 @@
+"""Structured pruning of the real SmolLM2-135M: 20% of all parameters removed as MLP neurons, calibrated vs l2."""
+
+import copy
+
+import pytest
+
+import prunekit
+from prunekit.corpus import evaluation_windows
+from prunekit.measure import perplexity
+from real_models import CALIB
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def eval_ids(smollm2):
+    return evaluation_windows(smollm2.tokenizer, "wiki-summaries", seq_len=256, max_windows=8).ids
+
+
+@pytest.fixture(scope="module")
+def pruned(smollm2, eval_ids):
+    """(record, perplexity) after removing 20% of SmolLM2's parameters with each method, computed once."""
+    cache = {}
+
+    def run(method):
+        if method not in cache:
+            model = copy.deepcopy(smollm2.model)
+            record = prunekit.prune_structure(model, smollm2.tokenizer, method=method, remove=0.2,
+                                              allocation="uniform", units=("neurons",), **CALIB)
+            cache[method] = record, perplexity(model, eval_ids, progress=False)["perplexity"]
+        return cache[method]
+
+    return run
+
+
+def test_flap_beats_the_magnitude_baseline_by_orders_of_magnitude(pruned):
+    # Measured (torch 2.13 CPU, 2 threads, dense 13.28): l2 263,016 (magnitude collapses, as Torch-Pruning's
+    # magnitude importance does at this budget), flap 41.9. The threshold is 15% above flap's measured value.
+    _, l2 = pruned("l2")
+    record, flap = pruned("flap")
+    assert flap < 0.01 * l2, (flap, l2)
+    assert flap < 1.15 * 41.9, flap
+    params = record["metrics"]["parameters"]
+    assert abs(record["metrics"]["removed_fraction"]["achieved"] - 0.2) <= 0.02
+    assert params["before"] - params["after"] == params["removed"]
+    assert record["metrics"]["config_matches_tensors"]
+    assert record["method"]["bias_compensation"] == ["mlp"]
