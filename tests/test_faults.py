@@ -76,8 +76,7 @@ def tiny_dir(tmp_path, capsys) -> Path:
 @pytest.mark.parametrize("flags", [["--out", "{input}"], ["--scores-out", "{input}"], ["--report", "{input}"],
                                    ["--out", "{link}"], ["--out", "{hardlink}"],
                                    ["--out", "{dir}/kept.csv", "--report", "{dir}/kept.csv"],
-                                   ["--out", "{dir}/kept.csv", "--scores-out", "{dir}/kept.csv/x.parquet"],
-                                   ["--out", "{dir}/kept.csv", "--work-dir", "{dir}"]])
+                                   ["--out", "{dir}/kept.csv", "--scores-out", "{dir}/kept.csv/x.parquet"]])
 def test_data_output_colliding_with_input_or_output_is_refused(tmp_path, capsys, csv_input, flags):
     (tmp_path / "link.csv").symlink_to(csv_input)
     os.link(csv_input, tmp_path / "hard.csv")
@@ -86,7 +85,17 @@ def test_data_output_colliding_with_input_or_output_is_refused(tmp_path, capsys,
     before = tree(tmp_path)
     assert cli(["data", "--input", str(csv_input), "--method", "random", "--keep", "0.5", "--overwrite", *args]) == 2
     err = one_line(capsys)
-    assert "collide" in err or "input" in err or "work directory" in err
+    assert "collide" in err or "input" in err
+    assert tree(tmp_path) == before
+
+
+def test_work_directory_never_overwrites_the_input(tmp_path, capsys):
+    features = tmp_path / "embeddings.npy"
+    np.save(features, np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    before = tree(tmp_path)
+    assert cli(["data", "--input", str(features), "--method", "prototypes", "--keep", "0.5", "--work-dir",
+                str(tmp_path), "--out", str(tmp_path / "kept.npy")]) == 2
+    one_line(capsys, "embeddings file", "is the input itself")
     assert tree(tmp_path) == before
 
 

@@ -311,8 +311,10 @@ def prune_data(
                   semdedup_keep=semdedup_keep)
     outputs = {"out": out, "scores_out": scores_out, "report_out": report_out}
     source = input if isinstance(input, str | os.PathLike) else None
-    check_distinct({"input": source, "work directory": work_dir},
-                   {"output": out, "scores output": scores_out, "report": report_out})
+    # the work directory receives memory-mapped embeddings: that file must not be the input either
+    embeddings_file = None if work_dir is None else Path(work_dir) / "embeddings.npy"
+    check_distinct({"input": source}, {"output": out, "scores output": scores_out, "report": report_out,
+                                       "work directory's embeddings file": embeddings_file})
     for path in outputs.values():
         if path is not None:
             check_output(path, overwrite)
