@@ -1,7 +1,7 @@
 """`prunekit <verb>`: the command line, a thin layer over `prunekit.api`.
 
-Exit codes: 0 success, 2 bad input (one line on stderr), 1 internal error. Progress bars go to stderr; `--json`
-prints the result record on stdout.
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 a fault of the machine (full disk, denied write) or an
+internal error (one line), 130 Ctrl-C. Progress bars go to stderr; `--json` prints the result record on stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prunekit.errors import PrunekitError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with prunekit's error style: one line naming the option and the value, exit code 2."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+    def error(self, message: str) -> None:
         self.exit(2, f"prunekit: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -45,7 +45,8 @@ def count(minimum: int):
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="asset name (smollm2-135m) or a local Hugging Face directory")
-    parser.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default=None,
+                        help="compute device, e.g. cpu or cuda (default: where the model is, the CPU)")
     parser.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the result record as JSON on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
