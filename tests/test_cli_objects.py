@@ -22,7 +22,7 @@ def _cli(args: list[str]) -> int:
     (["--method", "flap", "--object", "blocks", "--remove", "0.2"], "does not prune blocks"),
     (["--method", "obs"], "unknown method 'obs'"),
     (["--method", "flap", "--remove", "1.5"], "remove=1.5"),
-    (["--method", "flap", "--remove", "0.2", "--allocation", "global"], "use --allocation uniform"),
+    (["--method", "flap", "--remove", "0.2", "--allocation", "lamp"], "allocation 'lamp'"),
     (["--method", "flap", "--remove", "0.2", "--units", "heads,layers"], "units="),
     (["--method", "angular", "--blocks", "2", "--remove", "0.2"], "exactly one budget"),
     (["--method", "angular", "--blocks", "2", "--allocation", "owl"], "--allocation applies to weights"),
@@ -41,6 +41,7 @@ SMALL = ["--calib-samples", "4", "--calib-seq-len", "128", "--eval-windows", "2"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, removed", [(["--method", "flap", "--remove", "0.2"], 0.2),
+                                           (["--method", "wanda-sp", "--remove", "0.2", "--allocation", "global"], 0.2),
                                            (["--method", "angular", "--blocks", "3"], None),
                                            (["--method", "random", "--object", "blocks", "--blocks", "3"], None)])
 def test_structures_and_blocks_are_saved_and_reload(tmp_path, capsys, args, removed):

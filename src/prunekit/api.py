@@ -16,7 +16,7 @@ from prunekit.depth import prune_depth
 from prunekit.errors import PrunekitError
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
-from prunekit.structure import check_saveable, prune_structure
+from prunekit.structure import prune_structure, saved_widths
 from prunekit.targets import projection_weights, target_weights
 from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
 from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
@@ -282,8 +282,12 @@ def prune(
 def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, overwrite: bool = False) -> Path:
     """Write a Hugging Face model directory (safetensors) with `prunekit.json` beside it, atomically.
 
-    A structurally pruned model whose blocks differ in width is refused (a config cannot state its widths)."""
-    check_saveable(model)
+    A structurally pruned model whose blocks differ in width keeps its config (which cannot state per-block widths)
+    and lists every block's widths in the manifest (`block_widths`): `prunekit.load` rebuilds it from them, while
+    `from_pretrained` refuses its shapes rather than loading it wrongly."""
+    widths = saved_widths(model)
+    if widths is not None:
+        record = {**record, "block_widths": widths}
     return save_pruned(model, tokenizer, out_dir, record, overwrite=overwrite)
 
 

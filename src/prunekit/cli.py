@@ -184,9 +184,6 @@ def _run(args: argparse.Namespace) -> dict:
             units = _units(args.units)
             check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
                                     **({"units": units} if units is not None else {}))
-            if args.allocation != "uniform":  # checked now, not after the work: save would refuse the model
-                raise PrunekitError(f"--allocation {args.allocation} gives blocks different widths, which a saved "
-                                    "model cannot state yet; use --allocation uniform")
         else:
             check_depth_options(args.method, args.blocks, args.remove)
         if kind != "weights" and args.device is not None:

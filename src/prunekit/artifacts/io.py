@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prunekit.artifacts.files import (
     check_output_dir,
@@ -117,6 +118,34 @@ def check_model_dir(path: Path) -> None:
     refuse_pickled_weights(path)
 
 
+def load_causal_lm_dir(path: Path, *, dtype: torch.dtype, block_widths: list | None = None) -> PreTrainedModel:
+    """The causal LM of a checked model directory. With `block_widths` (from the manifest of a model whose blocks
+    were pruned to different widths) it is built from its config, shaped block by block, and its safetensors are
+    loaded strictly: every tensor must fit, and only tied weights may be absent from the files."""
+    if block_widths is None:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
+    from prunekit.structure import load_widths
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    load_widths(model, block_widths)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise PrunekitError(f"the weights in '{path}' do not fit the widths its manifest states: "
+                            f"{str(error).splitlines()[0]}") from None
+    model.tie_weights()
+    loaded = {model.get_parameter(name).data_ptr() for name in state if name not in unexpected}
+    untied = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded]
+    if unexpected or untied:
+        raise PrunekitError(f"the weights in '{path}' do not match its model: unexpected {sorted(unexpected)[:3]}, "
+                            f"missing {untied[:3]}")
+    return model.eval()
+
+
 def load_pruned(
     path: str | os.PathLike,
     *,
@@ -134,9 +163,7 @@ def load_pruned(
         )
     record = _read_manifest(path)
     check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, dtype=dtype
-    )
+    model = load_causal_lm_dir(path, dtype=dtype, block_widths=record.get("block_widths"))
     model.to(device)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from prunekit.artifacts import atomic_directory
-from prunekit.artifacts.io import MANIFEST_LIMIT, check_model_dir, read_json_file
+from prunekit.artifacts.io import MANIFEST, MANIFEST_LIMIT, check_model_dir, load_causal_lm_dir, read_json_file
 from prunekit.assets._packages import package_dir
 from prunekit.errors import PrunekitError
 
@@ -166,7 +166,10 @@ def model_path(name: str) -> Path:
 def _load(path: Path, source: str, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+        manifest = path / MANIFEST
+        widths = read_json_file(manifest, limit=MANIFEST_LIMIT, what="manifest").get("block_widths") \
+            if manifest.is_file() else None
+        model = load_causal_lm_dir(path, dtype=dtype, block_widths=widths)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         # The directory passed every check that can be made without loading: its content is inconsistent.
         raise PrunekitError(f"model directory '{path}' could not be loaded: {str(error).splitlines()[0]}") from None

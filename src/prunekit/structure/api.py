@@ -17,9 +17,11 @@ from prunekit.structure.remove import (
     BlockPlan,
     add_bias_flags,
     apply_plan,
+    block_widths,
     config_mismatch,
     missing_bias_parameters,
     removed_indices,
+    resize_to_widths,
 )
 from prunekit.structure.select import (
     UNIT_KINDS,
@@ -288,17 +290,25 @@ def prune_structure(
     return (record, masks) if mode == "mask" else record
 
 
-def check_saveable(model: nn.Module) -> None:
-    """Refuse to save a structurally pruned model whose block widths differ from its config (non-uniform)."""
+def saved_widths(model: nn.Module) -> list[dict[str, int]] | None:
+    """The per-block widths that a saved model's manifest must state, or None when its config states them (a
+    model that was not structurally pruned, or pruned to the same widths in every block)."""
     from prunekit.adapters import find_adapter
 
     adapter = None
     with contextlib.suppress(PrunekitError):  # a model prunekit cannot read is saved as it is
         adapter = find_adapter(model)
-    if adapter is None or adapter.intermediate is None:
-        return
-    problem = config_mismatch(model, adapter)
-    if problem:
-        raise PrunekitError(f"the blocks of this model have different widths ({problem}), which a Hugging Face "
-                            "config cannot state; saving non-uniform structures is not supported yet: prune with "
-                            "allocation='uniform'")
+    if adapter is None or adapter.intermediate is None or config_mismatch(model, adapter) is None:
+        return None
+    return block_widths(model, adapter)
+
+
+def load_widths(model: nn.Module, widths: list[dict[str, int]]) -> None:
+    """Shape a model built from its config to the per-block `widths` of a manifest, before its weights load."""
+    from prunekit.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if adapter.intermediate is None:
+        raise PrunekitError(f"the manifest states per-block widths, but {adapter.family} models have no "
+                            "structured-pruning roles")
+    resize_to_widths(model, adapter, widths)

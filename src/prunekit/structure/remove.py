@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import Adapter
+from prunekit.errors import PrunekitError
 from prunekit.structure.groups import BlockLayout, head_channels, roles
 
 
@@ -160,3 +161,37 @@ def config_mismatch(model: nn.Module, adapter: Adapter) -> str | None:
         if widths != expected:
             return f"block {index} has {widths}, the config states {expected}"
     return None
+
+
+def resize_to_widths(model: nn.Module, adapter: Adapter, widths: list[dict[str, int]]) -> None:
+    """Give every block the projection shapes of `widths` (fresh, unloaded parameters), so that a model built from
+    its config accepts the state dict saved from a model whose blocks were pruned to different widths."""
+    blocks = adapter.block_list(model)
+    # Pruning only shrinks, and keeps the number of query heads per KV head that the attention modules are built
+    # with: anything else in a manifest is not prunekit's (and could ask for any amount of memory).
+    layout = adapter.head_layout(model.config)
+    largest = {"heads": layout["heads"], "kv_heads": layout["kv_heads"],
+               "neurons": getattr(model.config, adapter.intermediate)}
+    group = layout["heads"] // layout["kv_heads"]
+    valid = isinstance(widths, list) and all(
+        isinstance(w, dict) and set(w) == set(largest)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= largest[k] for k, v in w.items())
+        and w["heads"] == group * w["kv_heads"] for w in widths)
+    if not valid or len(widths) != len(blocks):
+        raise PrunekitError(f"the manifest's block widths do not describe this model's {len(blocks)} blocks of at "
+                            f"most {largest} with {group} query heads per KV head")
+    r = roles(adapter)
+    head_dim = adapter.head_layout(model.config)["head_dim"]
+    for block, width in zip(blocks, widths, strict=True):
+        rows = {r.q: width["heads"] * head_dim, r.k: width["kv_heads"] * head_dim, r.v: width["kv_heads"] * head_dim,
+                **dict.fromkeys(r.mlp_in, width["neurons"])}
+        columns = {r.o: width["heads"] * head_dim, r.mlp_out: width["neurons"]}
+        for name in (*rows, *columns):
+            old = block.get_submodule(name)
+            out_features = rows.get(name, old.out_features)
+            in_features = columns.get(name, old.in_features)
+            parent, _, attribute = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, attribute,
+                    nn.Linear(in_features, out_features, bias=old.bias is not None, dtype=old.weight.dtype,
+                              device=old.weight.device))
+
