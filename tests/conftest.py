@@ -22,6 +22,15 @@ def smollm2() -> LoadedModel:
     return load_causal_lm("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def eval_ids(smollm2) -> torch.Tensor:
+    """The evaluation windows of the SmolLM2 quality tests: the first 8 held-out 256-token windows of
+    wiki-summaries (tests/real_models.py has the matching calibration settings)."""
+    from prunekit.corpus import evaluation_windows
+
+    return evaluation_windows(smollm2.tokenizer, "wiki-summaries", seq_len=256, max_windows=8).ids
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tests on one torch thread (small tensors, where threads only add overhead), then restore the

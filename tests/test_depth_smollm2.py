@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.corpus import evaluation_windows
 from prunekit.measure import perplexity
 from real_models import CALIB
 
@@ -17,11 +16,6 @@ BLOCKS = 6
 # windows; torch 2.13 CPU, 2 threads): angular 28.73 (2.163), block influence 35.12, reverse order (sparing the
 # final block) 3.5e9, random seeds 0, 1, 2: 769.7, 210.4, 81.09. The guard is 15% above the measured ratio.
 ANGULAR_RATIO = 2.163
-
-
-@pytest.fixture(scope="module")
-def eval_ids(smollm2):
-    return evaluation_windows(smollm2.tokenizer, "wiki-summaries", seq_len=256, max_windows=8).ids
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import prunekit
 from prunekit.adapters import adapter_for, projection_weight
 from prunekit.assets import model_path
 from prunekit.budget import Pattern
-from prunekit.corpus import calibration_tokens, evaluation_windows
+from prunekit.corpus import calibration_tokens
 from prunekit.measure import perplexity
 from prunekit.measure.protocol import weights_sha256
 from prunekit.select import select_mask
@@ -22,11 +22,6 @@ from real_models import CALIB, pruned_perplexity_runner
 
 pytestmark = pytest.mark.slow
 
-
-
-@pytest.fixture(scope="module")
-def eval_ids(smollm2):
-    return evaluation_windows(smollm2.tokenizer, "wiki-summaries", seq_len=256, max_windows=8).ids
 
 
 @pytest.fixture(scope="module")

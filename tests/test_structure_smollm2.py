@@ -5,16 +5,10 @@ import copy
 import pytest
 
 import prunekit
-from prunekit.corpus import evaluation_windows
 from prunekit.measure import perplexity
 from real_models import CALIB
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def eval_ids(smollm2):
-    return evaluation_windows(smollm2.tokenizer, "wiki-summaries", seq_len=256, max_windows=8).ids
 
 
 @pytest.fixture(scope="module")

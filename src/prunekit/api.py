@@ -11,9 +11,9 @@ from prunekit.adapters import adapter_for, projection_weight
 from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsities, check_allocation
 from prunekit.artifacts import load_pruned, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
-from prunekit.corpus import calibration_tokens, evaluation_windows
 from prunekit.depth import prune_depth
 from prunekit.errors import PrunekitError
+from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
 from prunekit.structure import prune_structure, saved_widths
@@ -38,29 +38,6 @@ def _device(model: nn.Module, device: str | torch.device | None) -> torch.device
     return resolved
 
 
-def _model_card(model: nn.Module, source: str | None) -> dict:
-    config = getattr(model, "config", None)
-    return {
-        "source": source or getattr(config, "_name_or_path", None) or type(model).__name__,
-        "class": type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "weights_sha256": weights_sha256(model),
-        "parameters": parameter_counts(model)["total"],
-    }
-
-
-def _check_tokenizer(tokenizer, source, what: str) -> None:
-    if tokenizer is None and not isinstance(source, torch.Tensor):
-        raise PrunekitError(f"{what} from text needs a tokenizer; pass tokenizer= or a tensor of token ids")
-
-
-def _perplexity_metrics(model, tokenizer, data, seq_len, windows, batch_size, device, progress):
-    _check_tokenizer(tokenizer, data, "evaluation")
-    tokens = evaluation_windows(tokenizer, data, seq_len=seq_len, max_windows=windows)
-    result = perplexity(model, tokens.ids, batch_size=batch_size, device=device, progress=progress)
-    return result, tokens.info
-
-
 def evaluate(
     model: nn.Module,
     tokenizer=None,
@@ -82,11 +59,12 @@ def evaluate(
     check_lengths(model, eval_seq_len=None if isinstance(data, torch.Tensor) else seq_len, batch_size=batch_size)
     device = _device(model, device)
     with ResourceMonitor() as monitor:
-        metrics, info = _perplexity_metrics(model, tokenizer, data, seq_len, windows, batch_size, device, progress)
+        tokens = evaluation_set(tokenizer, data, seq_len=seq_len, windows=windows)
+        metrics = perplexity(model, tokens.ids, batch_size=batch_size, device=device, progress=progress)
     metrics["sparsity"] = sparsity_summary(target_weights(model))["overall"]
     return result_record(
-        model=_model_card(model, model_source), method={"name": "none"}, calibration=None,
-        evaluation=info, metrics=metrics, resources=monitor.as_dict(),
+        model=model_card(model, model_source), method={"name": "none"}, calibration=None,
+        evaluation=tokens.info, metrics=metrics, resources=monitor.as_dict(),
     )
 
 
@@ -106,44 +84,6 @@ def check_prune_options(
     if blocksize < 1 or not 0 <= damping < 1:
         raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
     return method_spec, budget
-
-
-def _max_positions(config) -> int | None:
-    """The longest sequence a model's positions cover (absolute embeddings or its stated rotary range)."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def check_lengths(
-    model: nn.Module | str | Path, *, calibration_seq_len: int | None = None, eval_seq_len: int | None = None,
-    batch_size: int = 1,
-) -> None:
-    """Refuse sequence lengths beyond the model's positions, and batch sizes below 1, before any work.
-
-    `model` is a loaded model or a source (asset name, local directory): a source's config is read without
-    loading weights, and the check is skipped when no config is at hand yet (an asset not yet converted).
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PrunekitError(f"batch size {batch_size!r} must be an integer >= 1")
-    if isinstance(model, nn.Module):
-        config = getattr(model, "config", None)
-    else:
-        from prunekit.assets import model_config
-
-        config = model_config(model)
-    limit = None if config is None else _max_positions(config)
-    for what, length in (("calibration", calibration_seq_len), ("evaluation", eval_seq_len)):
-        if length is None:
-            continue
-        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-            raise PrunekitError(f"{what} sequence length {length!r} must be an integer >= 2")
-        if limit is not None and length > limit:
-            raise PrunekitError(f"{what} sequence length {length} exceeds the model's {limit} positions; "
-                                f"use at most {limit}")
 
 
 def prune(
@@ -210,18 +150,15 @@ def prune(
     needs_calibration = method_spec.statistics is not None or allocation == "owl"
     calib = None
     if needs_calibration:
-        _check_tokenizer(tokenizer, calibration, "calibration")
-        calib = calibration_tokens(tokenizer, calibration, samples=calibration_samples,
-                                   seq_len=calibration_seq_len, seed=seed)
-        if calib.ids.max() >= model.get_input_embeddings().num_embeddings:
-            raise PrunekitError("calibration token ids exceed the model's vocabulary: wrong tokenizer?")
-    model_card = _model_card(model, model_source)
+        calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples,
+                                seq_len=calibration_seq_len, seed=seed)
+    card = model_card(model, model_source)
 
     metrics: dict = {}
-    evaluation_info = None
+    eval_tokens = None
     if evaluation is not None:
-        metrics["dense"], evaluation_info = _perplexity_metrics(
-            model, tokenizer, evaluation, eval_seq_len, eval_windows, 4, compute, progress)
+        eval_tokens = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
+        metrics["dense"] = perplexity(model, eval_tokens.ids, batch_size=4, device=compute, progress=progress)
 
     was_training = model.training
     model.eval()
@@ -257,9 +194,8 @@ def prune(
                            "zeros": summary["zeros"], "numel": summary["numel"], "per_layer": summary["per_layer"]}
     metrics["parameters"] = parameter_counts(model)
     metrics["pruned_weights_sha256"] = weights_sha256(model)
-    if evaluation is not None:
-        metrics["pruned"], _ = _perplexity_metrics(
-            model, tokenizer, evaluation, eval_seq_len, eval_windows, 4, compute, progress)
+    if eval_tokens is not None:
+        metrics["pruned"] = perplexity(model, eval_tokens.ids, batch_size=4, device=compute, progress=progress)
 
     method_card = {
         "name": method_spec.name, "summary": method_spec.summary, "sparsity": budget.sparsity,
@@ -272,8 +208,8 @@ def prune(
     elif allocation != "uniform":
         method_card["block_sparsities"] = plan.sparsities
     record = result_record(
-        model=model_card, method=method_card, calibration=calib.info if calib else None,
-        evaluation=evaluation_info, metrics=metrics,
+        model=card, method=method_card, calibration=calib.info if calib else None,
+        evaluation=eval_tokens.info if eval_tokens else None, metrics=metrics,
         resources={"prune": monitor.as_dict(), "device": str(compute), "threads": torch.get_num_threads()},
     )
     return (record, masks) if return_masks else record

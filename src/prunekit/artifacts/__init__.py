@@ -4,14 +4,7 @@
 `prunekit.artifacts.io` import torch and transformers, so they are loaded on first use.
 """
 
-_IO = ("MANIFEST", "atomic_directory", "load_pruned", "save_pruned")
+from prunekit._lazy import lazy_exports
 
-__all__ = list(_IO)
-
-
-def __getattr__(name: str):
-    if name in _IO:
-        from prunekit.artifacts import io
-
-        return getattr(io, name)
-    raise AttributeError(f"module 'prunekit.artifacts' has no attribute '{name}'")
+__getattr__, __dir__, __all__ = lazy_exports(
+    "prunekit.artifacts", {"prunekit.artifacts.io": "MANIFEST atomic_directory load_pruned save_pruned"})

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from prunekit.adapters import adapter_for
-from prunekit.corpus import calibration_tokens, evaluation_windows
 from prunekit.depth.remove import check_removal, remove_blocks, skipped_blocks
 from prunekit.depth.scores import (
     angular_distance,
@@ -22,6 +21,7 @@ from prunekit.depth.scores import (
     sleb_greedy,
 )
 from prunekit.errors import PrunekitError
+from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record, weights_sha256
 from prunekit.weights.engine import capture_block_inputs, run_block
 
@@ -124,13 +124,6 @@ def _choose(model: nn.Module, method: str, n: int, token_ids: torch.Tensor | Non
     return order, {"calibration_perplexity_by_step": steps}
 
 
-def _model_card(model: nn.Module, source: str | None) -> dict:
-    config = model.config
-    return {"source": source or getattr(config, "_name_or_path", None) or type(model).__name__,
-            "class": type(model).__name__, "model_type": config.model_type, "weights_sha256": weights_sha256(model),
-            "parameters": parameter_counts(model)["total"]}
-
-
 def prune_depth(
     model: nn.Module,
     tokenizer=None,
@@ -163,8 +156,6 @@ def prune_depth(
     The model computes where it is. Everything is checked before the model changes; SLEB skips blocks only while
     it scores them. The model keeps working with the KV cache and saves as a standard Hugging Face directory.
     """
-    from prunekit.api import check_lengths  # prunekit.api re-exports this module
-
     check_depth_options(method, blocks, remove, angular_tokens)
     given_ids = isinstance(calibration, torch.Tensor)
     calibrated = method not in ("reverse", "random")
@@ -179,19 +170,13 @@ def prune_depth(
     check_removal(model, list(range(num_blocks - n, num_blocks)))  # the deepest blocks: renumbers nothing
     calib = None
     if n > 0 and calibrated:
-        if tokenizer is None and not given_ids:
-            raise PrunekitError("calibration from text needs a tokenizer; pass tokenizer= or a tensor of token ids")
-        calib = calibration_tokens(tokenizer, calibration, samples=calibration_samples,
-                                   seq_len=calibration_seq_len, seed=seed)
-        if calib.ids.max() >= model.get_input_embeddings().num_embeddings:
-            raise PrunekitError("calibration token ids exceed the model's vocabulary: wrong tokenizer?")
+        calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples,
+                                seq_len=calibration_seq_len, seed=seed)
     eval_ids = evaluation_info = None
     if evaluation is not None:
-        if tokenizer is None and not isinstance(evaluation, torch.Tensor):
-            raise PrunekitError("evaluation from text needs a tokenizer; pass tokenizer= or a tensor of token ids")
-        windows = evaluation_windows(tokenizer, evaluation, seq_len=eval_seq_len, max_windows=eval_windows)
+        windows = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
         eval_ids, evaluation_info = windows.ids, windows.info
-    model_card = _model_card(model, model_source)
+    card = model_card(model, model_source)
 
     metrics: dict = {}
     was_training = model.training
@@ -221,7 +206,7 @@ def prune_depth(
                    "seed": seed, "batch_size": batch_size}
     if method == "angular":
         method_card["angular_tokens"] = angular_tokens
-    return result_record(model=model_card, method=method_card, calibration=calib.info if calib else None,
+    return result_record(model=card, method=method_card, calibration=calib.info if calib else None,
                          evaluation=evaluation_info, metrics=metrics,
                          resources={"prune": monitor.as_dict(), "device": str(next(model.parameters()).device),
                                     "threads": torch.get_num_threads()})

@@ -10,6 +10,8 @@ from torch import nn
 from prunekit.adapters import Adapter
 from prunekit.allocation import check_allocation
 from prunekit.errors import PrunekitError
+from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
+from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record
 from prunekit.names import STRUCTURE_ALLOCATIONS, STRUCTURE_METHODS
 from prunekit.structure import scores as S
 from prunekit.structure.groups import BlockLayout, block_layouts, head_channels, roles, structure_adapter
@@ -194,9 +196,6 @@ def prune_structure(
 
     Every option, and whether the budget is possible, is checked before the model changes.
     """
-    from prunekit.api import _check_tokenizer, _model_card, _perplexity_metrics, check_lengths
-    from prunekit.corpus import calibration_tokens
-    from prunekit.measure import ResourceMonitor, parameter_counts
 
     units = tuple(units)
     check_structure_options(method, remove, allocation, mode, round_to, min_keep, units, bias_compensation)
@@ -228,16 +227,15 @@ def prune_structure(
         evaluation, torch.Tensor) else eval_seq_len, batch_size=batch_size)
     calib = None
     if calibrated:
-        _check_tokenizer(tokenizer, calibration, "calibration")
-        calib = calibration_tokens(tokenizer, calibration, samples=calibration_samples,
-                                   seq_len=calibration_seq_len, seed=seed)
-    model_card = _model_card(model, model_source)
+        calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples,
+                                seq_len=calibration_seq_len, seed=seed)
+    card = model_card(model, model_source)
     device = next(model.parameters()).device
     metrics: dict = {}
-    evaluation_info = None
+    eval_tokens = None
     if evaluation is not None:
-        metrics["dense"], evaluation_info = _perplexity_metrics(model, tokenizer, evaluation, eval_seq_len,
-                                                                eval_windows, 4, device, progress)
+        eval_tokens = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
+        metrics["dense"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
 
     was_training = model.training
     model.eval()
@@ -275,16 +273,13 @@ def prune_structure(
                          for lay, (kh, kn) in zip(layouts, counts, strict=True)]
     if mode == "remove":
         metrics["config_matches_tensors"] = config_mismatch(model, adapter) is None
-    if evaluation is not None:
-        metrics["pruned"], _ = _perplexity_metrics(model, tokenizer, evaluation, eval_seq_len, eval_windows, 4,
-                                                   device, progress)
-    from prunekit.measure.protocol import result_record
-
+    if eval_tokens is not None:
+        metrics["pruned"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
     method_card = {"name": method, "object": "structure", "remove": remove, "allocation": allocation,
                    "units": list(units), "round_to": round_to, "min_keep": min_keep, "mode": mode,
                    "bias_compensation": sorted(kinds), "seed": seed, "batch_size": batch_size}
-    record = result_record(model=model_card, method=method_card, calibration=calib.info if calib else None,
-                           evaluation=evaluation_info, metrics=metrics,
+    record = result_record(model=card, method=method_card, calibration=calib.info if calib else None,
+                           evaluation=eval_tokens.info if eval_tokens else None, metrics=metrics,
                            resources={"prune": monitor.as_dict(), "device": str(device),
                                       "threads": torch.get_num_threads()})
     return (record, masks) if mode == "mask" else record

@@ -7,6 +7,8 @@ gradient hooks on the weights of the model you pass. The weights targeted by def
 allocation is `prunekit.allocation`, shared with one-shot pruning.
 """
 
+from prunekit._lazy import lazy_exports
+
 # Every submodule imports torch (and some transformers): seconds. Each loads on first use of a name from it, so that
 # `prunekit train --help` answers at once.
 _MODULES = {
@@ -22,18 +24,4 @@ _MODULES = {
     ),
     "prunekit.training.scorers": "check_layer_collapse grasp_scores snip_scores synflow_scores",
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'prunekit.training' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports("prunekit.training", _MODULES)

@@ -1,0 +1,86 @@
+"""What every pruning entry point checks and prepares from its inputs, in one place: sequence lengths against the
+model, calibration tokens (with a tokenizer and within the vocabulary), evaluation windows, and the model card of
+the protocol. `prunekit.prune`, `prune_structure`, `prune_depth` and `evaluate` all use these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.corpus import TokenSet, calibration_tokens, evaluation_windows
+from prunekit.errors import PrunekitError
+from prunekit.measure import parameter_counts
+from prunekit.measure.protocol import weights_sha256
+
+
+def _max_positions(config) -> int | None:
+    """The longest sequence a model's positions cover (absolute embeddings or its stated rotary range)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(
+    model: nn.Module | str | Path, *, calibration_seq_len: int | None = None, eval_seq_len: int | None = None,
+    batch_size: int = 1,
+) -> None:
+    """Refuse sequence lengths beyond the model's positions, and batch sizes below 1, before any work.
+
+    `model` is a loaded model or a source (asset name, local directory): a source's config is read without
+    loading weights, and the check is skipped when no config is at hand yet (an asset not yet converted).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunekitError(f"batch size {batch_size!r} must be an integer >= 1")
+    if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+    else:
+        from prunekit.assets import model_config
+
+        config = model_config(model)
+    limit = None if config is None else _max_positions(config)
+    for what, length in (("calibration", calibration_seq_len), ("evaluation", eval_seq_len)):
+        if length is None:
+            continue
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise PrunekitError(f"{what} sequence length {length!r} must be an integer >= 2")
+        if limit is not None and length > limit:
+            raise PrunekitError(f"{what} sequence length {length} exceeds the model's {limit} positions; "
+                                f"use at most {limit}")
+
+
+def _check_tokenizer(tokenizer, source, what: str) -> None:
+    if tokenizer is None and not isinstance(source, torch.Tensor):
+        raise PrunekitError(f"{what} from text needs a tokenizer; pass tokenizer= or a tensor of token ids")
+
+
+def calibration_set(model: nn.Module, tokenizer, calibration, *, samples: int, seq_len: int, seed: int) -> TokenSet:
+    """The calibration tokens (see `corpus.calibration_tokens`), refused when they do not fit the model's vocabulary."""
+    _check_tokenizer(tokenizer, calibration, "calibration")
+    calib = calibration_tokens(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
+    if calib.ids.max() >= model.get_input_embeddings().num_embeddings:
+        raise PrunekitError("calibration token ids exceed the model's vocabulary: wrong tokenizer?")
+    return calib
+
+
+def evaluation_set(tokenizer, data, *, seq_len: int, windows: int | None) -> TokenSet:
+    """The evaluation windows (see `corpus.evaluation_windows`), tokenized once for the dense and pruned model."""
+    _check_tokenizer(tokenizer, data, "evaluation")
+    return evaluation_windows(tokenizer, data, seq_len=seq_len, max_windows=windows)
+
+
+def model_card(model: nn.Module, source: str | None) -> dict:
+    """The model part of the protocol card: where it came from, its class and type, weight hash and size."""
+    config = getattr(model, "config", None)
+    return {
+        "source": source or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "weights_sha256": weights_sha256(model),
+        "parameters": parameter_counts(model)["total"],
+    }
