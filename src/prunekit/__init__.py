@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _API = ("ALLOCATIONS", "METHODS", "evaluate", "load", "prune", "prune_depth", "prune_structure", "save",
         "target_weights")
 
-__all__ = ["PrunekitError", "__version__", *_API]
+__all__ = ["PrunekitError", "__version__", *_API, "heal"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from prunekit import api
 
         return getattr(api, name)
+    if name == "heal":
+        from prunekit.recovery import heal
+
+        return heal
     raise AttributeError(f"module 'prunekit' has no attribute '{name}'")

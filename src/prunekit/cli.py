@@ -52,10 +52,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _eval_options(parser: argparse.ArgumentParser, prefix: str) -> None:
-    parser.add_argument(f"--{prefix}seq-len", type=count(2), default=512, help="tokens per evaluation window")
-    parser.add_argument(f"--{prefix}windows", type=count(0), default=64,
-                        help="number of non-overlapping windows evaluated (0 = all)")
+def _eval_options(parser: argparse.ArgumentParser, prefix: str, encoders: bool = False) -> None:
+    also = "; encoders: tokens per text (default 256)" if encoders else ""
+    parser.add_argument(f"--{prefix}seq-len", type=count(2), default=None,
+                        help=f"tokens per evaluation window (default 512){also}")
+    also = "; encoders: held-out texts embedded (default 200)" if encoders else ""
+    parser.add_argument(f"--{prefix}windows", type=count(0), default=None,
+                        help=f"number of non-overlapping windows evaluated (default 64, 0 = all){also}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", default=None,
                    help="structures: heads, neurons, or heads,neurons (default); a KV head goes with its query heads")
     p.add_argument("--round-to", type=count(1), default=None, help="structures: kept neuron counts a multiple of it")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
+                   help="structures: time a forward pass (batch 1 and 16 × 128 tokens) before and after (default on; "
+                        "MACs are always counted)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="structures: prune block after block and re-fit the output projections by least squares "
+                        "(default: on for obs, off otherwise)")
     p.add_argument("--allocation", default="uniform",
                    help=f"per-block budget: weights {', '.join(names.ONESHOT_ALLOCATIONS)}; structures "
                         f"{', '.join(names.STRUCTURE_ALLOCATIONS)}")
@@ -85,14 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-limit", type=float, default=0.08, help="OWL largest per-block deviation (default 0.08)")
     p.add_argument("--calib", default="wiki-summaries", help="calibration text: asset name or local file")
     p.add_argument("--calib-samples", type=count(1), default=32, help="calibration sequences (default 32)")
-    p.add_argument("--calib-seq-len", type=count(2), default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--calib-seq-len", type=count(2), default=None,
+                   help="tokens per calibration sequence (default 512; encoders 128)")
     p.add_argument("--seed", type=count(0), default=0, help="seed for calibration sampling and random scores")
     p.add_argument("--blocksize", type=count(1), default=128, help="SparseGPT lazy-update block (default 128)")
     p.add_argument("--damping", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--batch-size", type=count(1), default=8, help="calibration sequences per forward (default 8)")
-    p.add_argument("--eval-data", default="wiki-summaries", help="perplexity text before and after pruning")
+    p.add_argument("--eval-data", default=None,
+                   help="perplexity text before and after pruning (default wiki-summaries); encoders: texts whose "
+                        "embeddings are compared with the dense model's (default bbc-news, held-out split)")
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
-    _eval_options(p, "eval-")
+    _eval_options(p, "eval-", encoders=True)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -102,18 +114,68 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(e, "")
     e.add_argument("--batch-size", type=count(1), default=4, help="windows per forward (default 4)")
 
+    g = verbs.add_parser("graph", help="the coupled groups that structured pruning removes together")
+    g.add_argument("--model", required=True,
+                   help="asset name (smollm2-135m, minilm-l6), a local Hugging Face directory, or mobilenet-v2 "
+                        f"(ImageNet weights) or a prunekit network ({', '.join(NETS_FOR_GRAPH)}) traced with torch.fx")
+    g.add_argument("--input-shape", default=None,
+                   help="traced networks: the example input's shape, e.g. 1,3,224,224 (default: the network's own)")
+    g.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--json", action="store_true", help="print the groups as JSON on stdout")
+    g.set_defaults(run=_graph, summary=lambda record: "\n".join(record["groups"]))
+
     from prunekit.data import cli as data_cli  # inside `main`'s error handling, like every other import
+    from prunekit.recovery import cli as recovery_cli
     from prunekit.training import cli as training_cli
 
     training_cli.add_parser(verbs)
     data_cli.add_parser(verbs)
+    recovery_cli.add_parser(verbs)
     return parser
+
+
+# networks `prunekit graph` builds by name, with the input each is made for
+NETS_FOR_GRAPH = {"mobilenet-v2": (1, 3, 224, 224), "resnet-small": (1, 1, 28, 28), "small-cnn": (1, 1, 28, 28),
+                  "lenet-300-100": (1, 784)}
+
+
+def _graph(args: argparse.Namespace) -> dict:
+    """`prunekit graph`: one line per coupled group, from the adapter (Hugging Face models) or the traced graph."""
+    import torch
+
+    from prunekit.structure.api import describe_structure
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.model in NETS_FOR_GRAPH:
+        from prunekit import nets
+
+        shape = NETS_FOR_GRAPH[args.model]
+        if args.input_shape is not None:
+            try:
+                shape = tuple(int(part) for part in args.input_shape.split(","))
+            except ValueError:
+                raise PrunekitError(f"--input-shape {args.input_shape!r} must be integers separated by commas, "
+                                    "e.g. 1,3,224,224") from None
+            if not shape or min(shape) < 1:
+                raise PrunekitError(f"--input-shape {args.input_shape!r} must hold positive sizes")
+        model = nets.mobilenet_v2_imagenet() if args.model == "mobilenet-v2" else nets.build_net(args.model, seed=0)
+        return {"model": args.model, "input_shape": list(shape),
+                "groups": describe_structure(model.eval(), torch.zeros(shape))}
+    if args.input_shape is not None:
+        raise PrunekitError("--input-shape applies to traced networks; a Hugging Face model's groups come from its "
+                            "adapter")
+    from prunekit.assets import is_encoder, load_causal_lm
+    from prunekit.data.embed import load_encoder
+
+    loaded = load_encoder(args.model) if is_encoder(args.model) else load_causal_lm(args.model)
+    return {"model": args.model, "groups": describe_structure(loaded.model)}
 
 
 OBJECTS = ("weights", "structures", "blocks")
 # Options that apply to one object only; giving one for another object is refused, never silently ignored.
-_OPTIONS_OF = {"weights": ("sparsity", "pattern"), "structures": ("remove", "units", "round_to"),
-               "blocks": ("remove", "blocks")}
+_OPTIONS_OF = {"weights": ("sparsity", "pattern"),
+               "structures": ("remove", "units", "round_to", "reconstruct", "speed"), "blocks": ("remove", "blocks")}
 
 
 def _prune_object(args: argparse.Namespace) -> str:
@@ -161,7 +223,8 @@ def _run(args: argparse.Namespace) -> dict:
     import transformers
 
     from prunekit import api
-    from prunekit.assets import load_causal_lm
+    from prunekit.assets import is_encoder, load_causal_lm
+    from prunekit.data.embed import load_encoder
     from prunekit.depth.api import check_depth_options
     from prunekit.structure import check_structure_options
 
@@ -172,6 +235,13 @@ def _run(args: argparse.Namespace) -> dict:
         transformers.utils.logging.disable_progress_bar()
     if args.verb == "prune":
         out = Path(args.out)
+        encoder = is_encoder(args.model)
+        # an encoder is calibrated on short texts and judged by its embeddings of held-out news, not perplexity
+        defaults = (dict(calib_seq_len=128, eval_data="bbc-news", eval_seq_len=256, eval_windows=200) if encoder
+                    else dict(calib_seq_len=512, eval_data="wiki-summaries", eval_seq_len=512, eval_windows=64))
+        for option, value in defaults.items():
+            if getattr(args, option) is None:
+                setattr(args, option, value)
         calib, evaluation = args.calib, None if args.no_eval else args.eval_data
         check_distinct({"input model": _local_path(args.model), "calibration file": _local_path(calib),
                         "evaluation file": _local_path(evaluation)}, {"output directory": out})
@@ -183,16 +253,19 @@ def _run(args: argparse.Namespace) -> dict:
         elif kind == "structures":
             units = _units(args.units)
             check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
-                                    **({"units": units} if units is not None else {}))
+                                    reconstruct=args.reconstruct, **({"units": units} if units is not None else {}))
         else:
             check_depth_options(args.method, args.blocks, args.remove)
+        if encoder and kind != "structures":
+            raise PrunekitError(f"{args.model} is an encoder: prunekit prunes its structures (--remove with "
+                                f"{', '.join(names.STRUCTURE_METHODS)}), not its {kind}")
         if kind != "weights" and args.device is not None:
             raise PrunekitError(f"--device applies to pruning weights; {kind} are pruned where the model is")
         if kind == "blocks" and args.allocation != "uniform":
             raise PrunekitError("--allocation applies to weights and structures, not to blocks")
         api.check_lengths(args.model, calibration_seq_len=args.calib_seq_len,
                           eval_seq_len=None if evaluation is None else args.eval_seq_len)
-        loaded = load_causal_lm(args.model)
+        loaded = load_encoder(args.model) if encoder else load_causal_lm(args.model)
         common = dict(calibration=calib, calibration_samples=args.calib_samples,
                       calibration_seq_len=args.calib_seq_len, seed=args.seed, evaluation=evaluation,
                       eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows or None,
@@ -200,6 +273,7 @@ def _run(args: argparse.Namespace) -> dict:
         if kind == "structures":
             record = api.prune_structure(loaded.model, loaded.tokenizer, method=args.method, remove=args.remove,
                                          allocation=args.allocation, round_to=args.round_to,
+                                         reconstruct=args.reconstruct, speed=args.speed is not False,
                                          **({"units": units} if units is not None else {}), **common)
         elif kind == "blocks":
             record = api.prune_depth(loaded.model, loaded.tokenizer, method=args.method, blocks=args.blocks,
@@ -212,10 +286,11 @@ def _run(args: argparse.Namespace) -> dict:
         api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
         record["output"] = str(out)
         return record
-    api.check_lengths(args.model, eval_seq_len=args.seq_len)
+    seq_len, windows = args.seq_len or 512, 64 if args.windows is None else args.windows
+    api.check_lengths(args.model, eval_seq_len=seq_len)
     loaded = load_causal_lm(args.model)
-    return api.evaluate(loaded.model, loaded.tokenizer, data=args.data, seq_len=args.seq_len,
-                        windows=args.windows or None, batch_size=args.batch_size, device=args.device,
+    return api.evaluate(loaded.model, loaded.tokenizer, data=args.data, seq_len=seq_len,
+                        windows=windows or None, batch_size=args.batch_size, device=args.device,
                         progress=progress, model_source=args.model)
 
 
@@ -238,6 +313,22 @@ def _budget_lines(metrics: dict, method: dict) -> list[str]:
     return lines
 
 
+def _speed_lines(speed: dict | None) -> list[str]:
+    """MACs before and after with the ideal speedup, the timed forward passes, and the warning if not faster."""
+    if not speed:
+        return []
+    macs = speed["macs"]
+    lines = [f"MACs       {macs['before']:,} -> {macs['after']:,} per sequence ({macs['removed_fraction']:.1%} "
+             f"removed; ideal speedup {speed['ideal_speedup']:.2f}x)"]
+    if "latency" in speed:
+        timings = ", ".join(f"batch {size} {entry['before']:.1f} -> {entry['after']:.1f} ms ({entry['speedup']:.2f}x)"
+                            for size, entry in speed["latency"].items())
+        lines.append(f"latency    {timings}, {speed['threads']} threads, medians")
+    if speed.get("warning"):
+        lines.append(f"warning    {speed['warning']}")
+    return lines
+
+
 def _summary(record: dict) -> str:
     metrics, method = record["metrics"], record["method"]
     lines = [f"model      {record['model']['source']} ({record['model']['parameters']:,} parameters)"]
@@ -246,7 +337,12 @@ def _summary(record: dict) -> str:
         prune_res = record["resources"]["prune"]
         lines.append(f"pruning    {prune_res['wall_s']:.1f} s, peak memory {prune_res['peak_rss_mb']:.0f} MB")
         evaluation = record.get("evaluation")
-        if evaluation:
+        lines += _speed_lines(metrics.get("speed"))
+        if evaluation and "embedding_fidelity" in metrics:
+            fidelity = metrics["embedding_fidelity"]
+            lines.append(f"embeddings mean cosine to dense {fidelity['mean_cosine']:.4f} (min "
+                         f"{fidelity['min_cosine']:.4f}) on {fidelity['texts']} texts of {evaluation['source']}")
+        elif evaluation:
             lines.append(f"perplexity dense {metrics['dense']['perplexity']:.2f} -> pruned "
                          f"{metrics['pruned']['perplexity']:.2f} ({evaluation['windows']} windows × "
                          f"{evaluation['seq_len']} tokens of {evaluation['source']})")

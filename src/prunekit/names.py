@@ -7,7 +7,7 @@ names, and tests/test_names.py checks that each registry and its names agree.
 
 ONESHOT_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
 # Structured width pruning (`prunekit.prune_structure`) and depth pruning (`prunekit.prune_depth`).
-STRUCTURE_METHODS = ("l1", "l2", "random", "activation", "wanda-sp", "flap")
+STRUCTURE_METHODS = ("l1", "l2", "random", "activation", "wanda-sp", "flap", "obs")
 STRUCTURE_ALLOCATIONS = ("uniform", "global")
 DEPTH_METHODS = ("angular", "block-influence", "sleb", "reverse", "random")
 # Every allocation (`prunekit.allocation`); one-shot pruning gives each block one sparsity and uses the allocations
@@ -17,3 +17,6 @@ ONESHOT_ALLOCATIONS = ("uniform", "global", "lamp", "owl")
 DATA_METHODS = ("random", "semdedup", "prototypes", "perplexity", "loss", "el2n", "grand", "forgetting", "aum",
                 "entropy", "margin")
 DATA_MODES = ("hard", "easy", "band", "ccs")
+# Healing a pruned causal LM (`prunekit.heal`) and its distillation losses.
+HEAL_METHODS = ("lora", "full", "perp")
+DISTILL_MODES = ("logits", "logits+hidden")

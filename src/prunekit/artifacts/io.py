@@ -6,6 +6,7 @@ once complete: a failed save leaves no partial output, and an existing output su
 replacement is ready.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,16 +119,33 @@ def check_model_dir(path: Path) -> None:
     refuse_pickled_weights(path)
 
 
+def _saved_class(config) -> type[PreTrainedModel] | None:
+    """The transformers class a directory was saved from (its config's `architectures`, e.g. BertModel for an
+    encoder, which has a causal-LM class too), or None. Only transformers' own classes are looked up."""
+    import transformers
+
+    names = config.architectures or []
+    found = None
+    if len(names) == 1 and isinstance(names[0], str) and names[0].isidentifier():
+        with contextlib.suppress(ImportError, AttributeError):
+            found = getattr(transformers, names[0])
+    return found if isinstance(found, type) and issubclass(found, PreTrainedModel) else None
+
+
 def load_causal_lm_dir(path: Path, *, dtype: torch.dtype, block_widths: list | None = None) -> PreTrainedModel:
-    """The causal LM of a checked model directory. With `block_widths` (from the manifest of a model whose blocks
-    were pruned to different widths) it is built from its config, shaped block by block, and its safetensors are
-    loaded strictly: every tensor must fit, and only tied weights may be absent from the files."""
+    """The model of a checked directory: the class it was saved from, else the causal LM of its type. With
+    `block_widths` (from the manifest of a model whose blocks were pruned to different widths) it is built from
+    its config, shaped block by block, and its safetensors are loaded strictly: every tensor must fit, and only
+    tied weights may be absent from the files."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    saved = _saved_class(config)
     if block_widths is None:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
+        return (saved or AutoModelForCausalLM).from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                               dtype=dtype)
     from prunekit.structure import load_widths
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = saved._from_config(config, dtype=dtype) if saved else AutoModelForCausalLM.from_config(config,
+                                                                                                  dtype=dtype)
     load_widths(model, block_widths)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):

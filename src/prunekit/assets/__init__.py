@@ -23,6 +23,7 @@ from prunekit.assets._images import ImageSet, image_asset_names, load_images
 from prunekit.assets._models import (
     LoadedModel,
     cache_dir,
+    is_encoder,
     load_causal_lm,
     model_asset_names,
     model_config,
@@ -35,6 +36,7 @@ __all__ = [
     "LoadedModel",
     "cache_dir",
     "image_asset_names",
+    "is_encoder",
     "load_causal_lm",
     "load_images",
     "model_asset_names",

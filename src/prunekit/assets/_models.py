@@ -156,6 +156,21 @@ def model_config(source: str | os.PathLike[str]) -> dict | None:
     return read_json_file(config, limit=MANIFEST_LIMIT, what="model config") if config.is_file() else None
 
 
+ENCODER_TYPES = ("bert",)  # encoder families with an adapter (structured pruning, embedding fidelity)
+
+
+def is_encoder(source: str | os.PathLike[str]) -> bool:
+    """Whether `source` (a model asset name or a local directory) is a BERT-style encoder rather than a causal LM;
+    read from the asset table or the directory's config, without loading weights."""
+    name = os.fspath(source)
+    if name in _MODEL_ASSETS:
+        return not _MODEL_ASSETS[name].causal_lm
+    config = model_config(name) if Path(name).is_dir() else None
+    architectures = (config or {}).get("architectures") or []
+    return bool(config) and config.get("model_type") in ENCODER_TYPES and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
 def model_path(name: str) -> Path:
     """The local Hugging Face directory of model asset `name`, converting and caching it on first use."""
     if name not in _MODEL_ASSETS:

@@ -84,6 +84,10 @@ def perplexity(
         )
     if batch_size < 1:
         raise PrunekitError(f"batch_size {batch_size} is not a positive integer; use e.g. 4")
+    adapter = find_adapter(model)
+    if adapter is not None and not adapter.causal:
+        raise PrunekitError(f"perplexity needs a causal language model, but {type(model).__name__} is a "
+                            f"bidirectional {adapter.family} encoder; measure it with prunekit.measure.embedding")
     device = torch.device(device) if device is not None else _model_device(model)
 
     was_training = model.training

@@ -3,27 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 from torch import nn
 
 from prunekit.adapters import Adapter
 from prunekit.allocation import check_allocation
+from prunekit.assets import text_asset_names
 from prunekit.errors import PrunekitError
 from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record
+from prunekit.measure.embedding import embedding_fidelity, sentence_embeddings
+from prunekit.measure.speed import speed_record
 from prunekit.names import STRUCTURE_ALLOCATIONS, STRUCTURE_METHODS
 from prunekit.structure import scores as S
-from prunekit.structure.groups import BlockLayout, block_layouts, head_channels, roles, structure_adapter
+from prunekit.structure.groups import (
+    BlockLayout,
+    block_layout,
+    block_layouts,
+    head_channels,
+    roles,
+    structure_adapter,
+)
+from prunekit.structure.reconstruct import Gram, obs_keep, refit
 from prunekit.structure.remove import (
     BlockPlan,
     add_bias_flags,
+    apply_block_plan,
     apply_plan,
     block_widths,
     config_mismatch,
     missing_bias_parameters,
     removed_indices,
     resize_to_widths,
+    sync_config,
 )
 from prunekit.structure.select import (
     UNIT_KINDS,
@@ -39,7 +53,8 @@ MODES = ("remove", "mask")
 
 def check_structure_options(method: str, remove: float, allocation: str = "uniform", mode: str = "remove",
                             round_to: int | None = None, min_keep: float = 0.1,
-                            units: tuple[str, ...] = UNIT_KINDS, bias_compensation: bool | None = None) -> None:
+                            units: tuple[str, ...] = UNIT_KINDS, bias_compensation: bool | None = None,
+                            reconstruct: bool | None = None) -> None:
     """Validate the model-independent options of `prune_structure`, so that callers can fail before loading."""
     if method not in STRUCTURE_METHODS:
         raise PrunekitError(f"structured method {method!r} is unknown; choose one of {', '.join(STRUCTURE_METHODS)}")
@@ -54,9 +69,16 @@ def check_structure_options(method: str, remove: float, allocation: str = "unifo
         raise PrunekitError(f"min_keep={min_keep!r} must be the fraction of each block's units kept, in (0, 1]")
     if not units or any(u not in UNIT_KINDS for u in units) or len(set(units)) != len(units):
         raise PrunekitError(f"units={units!r} must name some of {', '.join(UNIT_KINDS)}, each once")
-    if bias_compensation and method not in S.CALIBRATED:
+    if method == "obs" and reconstruct is False:
+        raise PrunekitError("method 'obs' selects units by re-fitting the others, so it cannot run with "
+                            "reconstruct=False; use another method")
+    if method == "obs" and allocation != "uniform":
+        raise PrunekitError("method 'obs' chooses units within each block; use allocation='uniform'")
+    if reconstruct is not None and not isinstance(reconstruct, bool):
+        raise PrunekitError(f"reconstruct={reconstruct!r} must be True, False or None (the method's default)")
+    if bias_compensation and method not in S.CALIBRATED and not reconstruct:
         raise PrunekitError(f"bias compensation needs calibration statistics, which {method!r} does not gather; "
-                            f"use one of {', '.join(S.CALIBRATED)}")
+                            f"use one of {', '.join(S.CALIBRATED)}, or reconstruct=True")
 
 
 def _check_head_norms(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout]) -> None:
@@ -73,11 +95,13 @@ def _check_head_norms(model: nn.Module, adapter: Adapter, layouts: list[BlockLay
 
 def _compensated_kinds(model: nn.Module, adapter: Adapter, units: tuple[str, ...],
                        requested: bool | None) -> set[str]:
-    """The roles ('attention', 'mlp') whose config can hold an output bias, among those being pruned."""
+    """The roles ('attention', 'mlp') whose config can hold an output bias, among those being pruned (every role
+    whose projections all have biases already, as in BERT, can)."""
     flags = dict(adapter.bias_flags)
     pruned = {"heads": "attention", "neurons": "mlp"}
     wanted = {pruned[u] for u in units}
-    able = {kind for kind in wanted if kind in flags and hasattr(model.config, flags[kind])}
+    able = {kind for kind in wanted if kind in flags and hasattr(model.config, flags[kind])
+            or missing_bias_parameters(model, adapter, {kind}) == 0}
     if requested and able != wanted:
         missing = sorted(wanted - able)
         raise PrunekitError(f"{type(model.config).__name__} has no config flag for {', '.join(missing)} biases, so "
@@ -85,11 +109,35 @@ def _compensated_kinds(model: nn.Module, adapter: Adapter, units: tuple[str, ...
     return able if requested is not False else set()
 
 
+def _observe(block: nn.Module, index: int, inputs: list, device: torch.device,
+             observers: dict[str, tuple]) -> list:
+    """Forward every batch through block `index`, each named module's input fed to its observers (objects with
+    `add(x)`); return the block's outputs."""
+    from prunekit.weights.engine import run_block
+
+    def feed(accumulators, module, args):
+        for accumulator in accumulators:
+            accumulator.add(args[0])
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(partial(feed, accumulators))
+               for name, accumulators in observers.items()]
+    try:
+        return run_block(block, index, inputs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _stats_pair(lay: BlockLayout) -> tuple[S.ChannelStats, S.ChannelStats]:
+    heads = lay.kv_heads * lay.group_size
+    return S.ChannelStats(heads * lay.head_dim, heads), S.ChannelStats(lay.neurons)
+
+
 def collect_stats(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout], token_ids: torch.Tensor,
                   batch_size: int) -> list[tuple[S.ChannelStats, S.ChannelStats]]:
     """Statistics of the inputs of o and down in every block, on the dense model, one block at a time through the
     sequential engine (each block replayed with its own forward arguments)."""
-    from prunekit.weights.engine import capture_block_inputs, run_block
+    from prunekit.weights.engine import capture_block_inputs
 
     r = roles(adapter)
     blocks = adapter.block_list(model)
@@ -98,41 +146,126 @@ def collect_stats(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout]
                                   activation_device=device)
     result = []
     for index, (block, lay) in enumerate(zip(blocks, layouts, strict=True)):
-        heads = lay.kv_heads * lay.group_size
-        o_stats = S.ChannelStats(heads * lay.head_dim, heads)
-        down_stats = S.ChannelStats(lay.neurons)
-        handles = [block.get_submodule(r.o).register_forward_pre_hook(lambda m, a, s=o_stats: s.add(a[0])),
-                   block.get_submodule(r.mlp_out).register_forward_pre_hook(lambda m, a, s=down_stats: s.add(a[0]))]
-        try:
-            inputs = run_block(block, index, inputs, device)
-        finally:
-            for handle in handles:
-                handle.remove()
+        o_stats, down_stats = _stats_pair(lay)
+        inputs = _observe(block, index, inputs, device, {r.o: (o_stats,), r.mlp_out: (down_stats,)})
         result.append((o_stats, down_stats))
     return result
+
+
+def unit_scores(method: str, block: nn.Module, adapter: Adapter, lay: BlockLayout,
+                stats: tuple[S.ChannelStats, S.ChannelStats] | None,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KV-group scores, neuron scores) of one block by `method` (any but 'obs', which selects by re-fitting)."""
+    r = roles(adapter)
+
+    def weight(name: str) -> torch.Tensor:
+        return block.get_submodule(name).weight.data.cpu()
+
+    if method in ("l1", "l2"):
+        return S.group_norm_scores(weight(r.q), weight(r.k), weight(r.v), weight(r.o), [weight(n) for n in r.mlp_in],
+                                   weight(r.mlp_out), lay, p=1 if method == "l1" else 2)
+    if method == "random":
+        return S.random_scores(lay, generator)
+    if method == "activation":
+        return S.activation_scores(*stats, lay)
+    if method == "wanda-sp":
+        return S.wanda_sp_scores(weight(r.o), weight(r.mlp_out), *stats, lay)
+    return S.flap_scores(weight(r.o), weight(r.mlp_out), *stats, lay)
 
 
 def block_scores(method: str, model: nn.Module, adapter: Adapter, layouts: list[BlockLayout],
                  stats: list | None, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(KV-group scores, neuron scores) of every block by `method`."""
-    r = roles(adapter)
     generator = torch.Generator().manual_seed(seed)
-    result = []
-    for index, (block, lay) in enumerate(zip(adapter.block_list(model), layouts, strict=True)):
-        weight = lambda name: block.get_submodule(name).weight.data.cpu()  # noqa: B023, E731
-        if method in ("l1", "l2"):
-            result.append(S.group_norm_scores(weight(r.q), weight(r.k), weight(r.v), weight(r.o),
-                                              [weight(n) for n in r.mlp_in], weight(r.mlp_out), lay,
-                                              p=1 if method == "l1" else 2))
-        elif method == "random":
-            result.append(S.random_scores(lay, generator))
-        elif method == "activation":
-            result.append(S.activation_scores(*stats[index], lay))
-        elif method == "wanda-sp":
-            result.append(S.wanda_sp_scores(weight(r.o), weight(r.mlp_out), *stats[index], lay))
-        else:
-            result.append(S.flap_scores(weight(r.o), weight(r.mlp_out), *stats[index], lay))
+    return [unit_scores(method, block, adapter, lay, stats[index] if stats else None, generator)
+            for index, (block, lay) in enumerate(zip(adapter.block_list(model), layouts, strict=True))]
+
+
+def prune_sequentially(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout],
+                       counts: list[tuple[int, int]], method: str, token_ids: torch.Tensor, *, batch_size: int,
+                       kinds: set[str], remove: bool, seed: int,
+                       progress: bool) -> tuple[list[BlockPlan], dict[str, torch.Tensor]]:
+    """Prune block after block on the calibration activations of the already pruned blocks before it, re-fitting
+    each output projection to the dense one by least squares (`structure.reconstruct`); inside a block the heads
+    go first and the MLP is calibrated on the pruned attention (true-sequential, as SparseGPT's reference code
+    does for weights). `counts` fixes how many units of each kind every block keeps; which ones is chosen here,
+    on these activations, by `method` ('obs': structured OBS). Returns the plans (kept indices) and, when
+    masking, the masks."""
+    from tqdm.auto import tqdm
+
+    from prunekit.weights.engine import capture_block_inputs, run_block
+
+    r = roles(adapter)
+    blocks = adapter.block_list(model)
+    device = next(model.parameters()).device
+    head_dim = adapter.head_layout(model.config)["head_dim"]
+    prefix = adapter.block_prefix(model)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = capture_block_inputs(model, blocks, token_ids, batch_size=batch_size, device=device,
+                                  activation_device=device)
+    plans, masks = [], {}
+    for index, (block, lay, (kh, kn)) in enumerate(tqdm(list(zip(blocks, layouts, counts, strict=True)),
+                                                        desc="structure", unit="block", disable=not progress)):
+        name = f"{prefix}.{index}"
+        o, down = block.get_submodule(r.o), block.get_submodule(r.mlp_out)
+        kept_heads, kept_neurons = torch.arange(lay.kv_heads), torch.arange(lay.neurons)
+        if kh < lay.kv_heads:
+            stats, gram = _stats_pair(lay), Gram(o.in_features)
+            _observe(block, index, inputs, device, {r.o: (stats[0], gram), r.mlp_out: (stats[1],)})
+            if method == "obs":
+                channels = torch.stack([head_channels(torch.tensor([g]), lay)[0] for g in range(lay.kv_heads)])
+                kept_heads = obs_keep(o.weight.data, o.bias, gram, channels, kh, with_bias="attention" in kinds)
+            else:
+                kept_heads = kept_indices(unit_scores(method, block, adapter, lay, stats, generator)[0], kh)
+            fitted = refit(o.weight.data, o.bias, gram, head_channels(kept_heads, lay)[0],
+                           with_bias="attention" in kinds)
+            masks.update(apply_block_plan(adapter, block, name, lay, BlockPlan(
+                kept_heads, torch.arange(lay.neurons), refit={"attention": fitted}), remove=remove))
+        # the MLP sees the pruned attention; with removal the block now has fewer heads than `lay` states
+        now = block_layout(adapter, block, head_dim) if remove else lay
+        heads_now = torch.arange(now.kv_heads) if remove else kept_heads
+        if kn < lay.neurons:
+            stats, gram = _stats_pair(now), Gram(lay.neurons)
+            _observe(block, index, inputs, device, {r.o: (stats[0],), r.mlp_out: (stats[1], gram)})
+            if method == "obs":
+                kept_neurons = obs_keep(down.weight.data, down.bias, gram, torch.arange(lay.neurons)[:, None], kn,
+                                        with_bias="mlp" in kinds)
+            else:
+                kept_neurons = kept_indices(unit_scores(method, block, adapter, now, stats, generator)[1], kn)
+            fitted = refit(down.weight.data, down.bias, gram, kept_neurons, with_bias="mlp" in kinds)
+            masks.update(apply_block_plan(adapter, block, name, now, BlockPlan(
+                heads_now, kept_neurons, refit={"mlp": fitted}), remove=remove))
+        plans.append(BlockPlan(kept_heads, kept_neurons))
+        inputs = run_block(block, index, inputs, device)
+    if remove:
+        sync_config(model, adapter)
+    return plans, masks
+
+
+def model_speed(model: nn.Module, *, timed: bool, seq_len: int = 128) -> dict:
+    """MACs of one sequence of `seq_len` tokens and, if `timed`, forward latency at batch 1 and 16 (the current
+    thread count); token values do not change either, so the ids are fixed pseudo-random ones."""
+    from prunekit.measure.speed import count_macs, latency
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(vocab, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(
+        next(model.parameters()).device)
+    result = {"macs": count_macs(model, {"input_ids": ids}), "seq_len": seq_len}
+    if timed:
+        result["latency"] = latency(model, {"input_ids": ids}, batch_sizes=(1, 16), warmup=2, repeats=7)
     return result
+
+
+def _encoder_evaluation(evaluation, texts: int | None, max_length: int) -> dict:
+    """The texts an encoder's embeddings are compared on: the first `texts` documents (all if None) of a text
+    asset's held-out split, or of a local file or list of strings, with their protocol description."""
+    from prunekit.corpus import load_texts
+
+    split = "test" if isinstance(evaluation, str) and evaluation in text_asset_names() else None
+    documents = load_texts(evaluation, split=split)[:texts]
+    source = evaluation if isinstance(evaluation, str) else f"{len(documents)} given texts"
+    return {"texts": documents, "info": {"source": source, "split": split, "texts": len(documents),
+                                         "max_length": max_length, "metric": "mean cosine to dense embeddings"}}
 
 
 def _bias_deltas(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout], plans: list[BlockPlan],
@@ -156,16 +289,19 @@ def _bias_deltas(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout],
 
 def prune_structure(
     model: nn.Module,
-    tokenizer=None,
+    inputs=None,
     *,
-    method: str = "flap",
-    remove: float,
+    method: str | None = None,
+    remove: float | None = None,
+    remove_macs: float | None = None,
+    ignore=(),
     allocation: str = "uniform",
     units: tuple[str, ...] = UNIT_KINDS,
     round_to: int | None = None,
     min_keep: float = 0.1,
     mode: str = "remove",
     bias_compensation: bool | None = None,
+    reconstruct: bool | None = None,
     calibration="wiki-summaries",
     calibration_samples: int = 32,
     calibration_seq_len: int = 512,
@@ -176,11 +312,22 @@ def prune_structure(
     eval_windows: int | None = 64,
     progress: bool = True,
     model_source: str | None = None,
+    loss_fn=None,
+    speed: bool = False,
 ) -> dict | tuple[dict, dict[str, torch.Tensor]]:
-    """Remove whole attention KV groups and MLP neurons of a Hugging Face decoder in place; return the record.
+    """Remove coupled structures of a model in place; return the record (and the masks, with mode='mask').
 
-    method: l1, l2 (group norms), random (baseline), activation (Minitron), wanda-sp, flap (fluctuation).
+    A Hugging Face model (Llama-style decoders, BERT encoders) loses whole attention KV groups and MLP neurons, the
+    groups its adapter declares; `inputs` is its tokenizer. Any other module is traced with torch.fx into a
+    dependency graph (`structure.graph`) and loses channels; `inputs` are its example inputs, and the options are
+    those of `structure.graph_prune.prune_graph` (method, remove or remove_macs, ignore, allocation, round_to,
+    min_keep, mode, calibration, loss_fn, seed, progress).
+
+    method: l1, l2 (group norms), random (baseline), activation (Minitron), wanda-sp, flap (fluctuation), obs (the
+        default: structured Optimal Brain Surgeon, the units whose removal the re-fitted others compensate best go
+        first; see BENCHMARKS.md); for traced models l1, l2 (the default), bn-scale, taylor, activation, random.
     remove: the fraction of the model's parameters (all of them, embeddings included) to remove, in (0, 1).
+    remove_macs, ignore, loss_fn: traced models only (see `prune_graph`).
     allocation: 'uniform' (every block loses the same fraction of its KV groups and neurons) or 'global' (one
         ranking of all blocks' units, scores standardised per kind across layers as in FLAP).
     units: which kinds go: ('heads', 'neurons') or one of them. A KV group is removed with all its query heads.
@@ -191,14 +338,33 @@ def prune_structure(
         returns `(record, masks)`, masks being keep-masks per projection weight for `prunekit.training.Masks`.
     bias_compensation: FLAP's (default for flap, where the config has the flag that keeps the added bias:
         Llama and SmolLM3 both kinds, Gemma, Qwen3, OLMo attention only); True insists, False never.
-    calibration: as in `prunekit.prune`, for the calibrated methods and compensation.
-    evaluation: if given, dense and pruned perplexity are measured on it (as in `prunekit.prune`).
+    reconstruct: prune block after block on the pruned model's own activations and re-fit each output projection
+        (o, down) and, where the config can hold one, its bias, by least squares to the dense layer's output
+        (`structure.reconstruct`); default True for obs (which needs it), False otherwise; any method may use it.
+    calibration: as in `prunekit.prune`, for the calibrated methods, compensation and reconstruction.
+    evaluation: if given, dense and pruned perplexity are measured on it (as in `prunekit.prune`); for an encoder,
+        the mean cosine of its sentence embeddings to the dense ones on `eval_windows` held-out texts.
+    speed: also time a forward pass (batch 1 and 16 × 128 tokens) before and after; MACs are always counted.
+        `metrics["speed"]` holds both, the ideal speedup and a warning when the model is not measurably faster.
 
     Every option, and whether the budget is possible, is checked before the model changes.
     """
+    from transformers import PreTrainedModel
 
+    if not isinstance(model, PreTrainedModel):
+        return _prune_traced(model, inputs, locals())  # every option, by name, as given
+    if remove_macs is not None or loss_fn is not None or tuple(ignore):
+        raise PrunekitError("remove_macs, ignore and loss_fn apply to traced models; a Hugging Face model's budget "
+                            "is remove=, its units are chosen with units=")
+    tokenizer = inputs
+    method = method or "obs"
+    if remove is None:
+        raise PrunekitError("remove= is required: the fraction of the model's parameters to remove, in (0, 1)")
     units = tuple(units)
-    check_structure_options(method, remove, allocation, mode, round_to, min_keep, units, bias_compensation)
+    check_structure_options(method, remove, allocation, mode, round_to, min_keep, units, bias_compensation,
+                            reconstruct)
+    if reconstruct is None:
+        reconstruct = method == "obs"
     adapter = structure_adapter(model)
     layouts = block_layouts(model, adapter)
     step = round_to or 1
@@ -209,7 +375,7 @@ def prune_structure(
     if "heads" in units:
         _check_head_norms(model, adapter, layouts)
     floors = [Floors.of(lay, min_keep, step, units) for lay in layouts]
-    if bias_compensation is None and method != "flap":
+    if bias_compensation is None and method != "flap" and not reconstruct:
         bias_compensation = False
     kinds = _compensated_kinds(model, adapter, units, bias_compensation)
     before = parameter_counts(model)["total"]
@@ -221,7 +387,7 @@ def prune_structure(
         raise PrunekitError(f"remove={remove} asks for {target} of {before} parameters (+{added} compensation "
                             f"biases), but at most {most} ({most / before:.1%}) are removable with units={units} "
                             f"and min_keep={min_keep}")
-    calibrated = method in S.CALIBRATED
+    calibrated = method in S.CALIBRATED or reconstruct
     check_lengths(model, calibration_seq_len=calibration_seq_len if calibrated and not isinstance(
         calibration, torch.Tensor) else None, eval_seq_len=None if evaluation is None or isinstance(
         evaluation, torch.Tensor) else eval_seq_len, batch_size=batch_size)
@@ -232,32 +398,47 @@ def prune_structure(
     card = model_card(model, model_source)
     device = next(model.parameters()).device
     metrics: dict = {}
-    eval_tokens = None
-    if evaluation is not None:
+    eval_tokens = eval_texts = None
+    if evaluation is not None and not adapter.causal:
+        # perplexity does not apply to an encoder: its sentence embeddings are compared with the dense ones
+        eval_texts = _encoder_evaluation(evaluation, eval_windows, eval_seq_len)
+        dense_embeddings = sentence_embeddings(model, tokenizer, eval_texts["texts"], max_length=eval_seq_len)
+    elif evaluation is not None:
         eval_tokens = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
         metrics["dense"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
 
+    dense_speed = model_speed(model, timed=speed)
     was_training = model.training
     model.eval()
     try:
         with ResourceMonitor() as monitor:
-            stats = collect_stats(model, adapter, layouts, calib.ids, batch_size) if calibrated else None
+            # the sequential path gathers its own statistics on the pruned blocks' outputs; a global ranking still
+            # needs the dense model's, to decide how many units each block keeps
+            needs_dense_stats = method in S.CALIBRATED and (not reconstruct or allocation == "global")
+            stats = collect_stats(model, adapter, layouts, calib.ids, batch_size) if needs_dense_stats else None
             if kinds:  # zero biases change no output; the units' costs now include them
                 add_bias_flags(model, adapter, kinds)
                 layouts = block_layouts(model, adapter)
-            scores = block_scores(method, model, adapter, layouts, stats, seed)
             if allocation == "uniform":
                 counts = uniform_counts(layouts, floors, target + added, units, step)
             else:
+                scores = block_scores(method, model, adapter, layouts, stats, seed)
                 heads = S.standardize([h for h, _ in scores])
                 neurons = S.standardize([n for _, n in scores])
                 counts = global_counts(list(zip(heads, neurons, strict=True)), layouts, floors, target + added,
                                        step)
-            plans = [BlockPlan(kept_indices(h, kh), kept_indices(n, kn))
-                     for (h, n), (kh, kn) in zip(scores, counts, strict=True)]
-            if kinds:
-                _bias_deltas(model, adapter, layouts, plans, stats, kinds)
-            masks = apply_plan(model, adapter, layouts, plans, remove=mode == "remove")
+            if reconstruct:
+                plans, masks = prune_sequentially(model, adapter, layouts, counts, method, calib.ids,
+                                                  batch_size=batch_size, kinds=kinds, remove=mode == "remove",
+                                                  seed=seed, progress=progress)
+            else:
+                if allocation == "uniform":
+                    scores = block_scores(method, model, adapter, layouts, stats, seed)
+                plans = [BlockPlan(kept_indices(h, kh), kept_indices(n, kn))
+                         for (h, n), (kh, kn) in zip(scores, counts, strict=True)]
+                if kinds:
+                    _bias_deltas(model, adapter, layouts, plans, stats, kinds)
+                masks = apply_plan(model, adapter, layouts, plans, remove=mode == "remove")
     finally:
         model.train(was_training)
 
@@ -275,14 +456,47 @@ def prune_structure(
         metrics["config_matches_tensors"] = config_mismatch(model, adapter) is None
     if eval_tokens is not None:
         metrics["pruned"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
+    metrics["speed"] = speed_record(dense_speed, model_speed(model, timed=speed))
+    if eval_texts is not None:
+        metrics["embedding_fidelity"] = embedding_fidelity(dense_embeddings, sentence_embeddings(
+            model, tokenizer, eval_texts["texts"], max_length=eval_seq_len))
     method_card = {"name": method, "object": "structure", "remove": remove, "allocation": allocation,
                    "units": list(units), "round_to": round_to, "min_keep": min_keep, "mode": mode,
-                   "bias_compensation": sorted(kinds), "seed": seed, "batch_size": batch_size}
+                   "bias_compensation": sorted(kinds), "reconstruct": reconstruct, "seed": seed,
+                   "batch_size": batch_size}
     record = result_record(model=card, method=method_card, calibration=calib.info if calib else None,
-                           evaluation=eval_tokens.info if eval_tokens else None, metrics=metrics,
+                           evaluation=eval_tokens.info if eval_tokens else eval_texts and eval_texts["info"],
+                           metrics=metrics,
                            resources={"prune": monitor.as_dict(), "device": str(device),
                                       "threads": torch.get_num_threads()})
     return (record, masks) if mode == "mask" else record
+
+
+# prune_structure's options that only Hugging Face models take, with their defaults
+_TRANSFORMER_ONLY = {"units": UNIT_KINDS, "bias_compensation": None, "reconstruct": None,
+                     "calibration_samples": 32, "calibration_seq_len": 512, "batch_size": 8, "evaluation": None,
+                     "eval_seq_len": 512, "eval_windows": 64, "model_source": None}
+
+
+def _prune_traced(model: nn.Module, example_inputs, options: dict) -> dict | tuple[dict, dict[str, torch.Tensor]]:
+    """`prune_structure` of a model that is not a Hugging Face one: through the traced dependency graph."""
+    from prunekit.structure.graph_prune import prune_graph
+
+    given = sorted(name for name, default in _TRANSFORMER_ONLY.items()
+                   if options[name] != default and not (name == "units" and tuple(options[name]) == default))
+    if given:
+        raise PrunekitError(f"{', '.join(given)} apply to Hugging Face models; {type(model).__name__} is pruned "
+                            "through its traced graph")
+    if example_inputs is None:
+        raise PrunekitError(f"{type(model).__name__} is traced on example inputs: pass them as the second argument")
+    calibration = options["calibration"]
+    record, masks = prune_graph(
+        model, example_inputs, method=options["method"] or "l2", remove=options["remove"],
+        remove_macs=options["remove_macs"], ignore=options["ignore"], allocation=options["allocation"],
+        round_to=options["round_to"], min_keep=options["min_keep"], mode=options["mode"],
+        calibration=None if calibration == "wiki-summaries" else calibration, loss_fn=options["loss_fn"],
+        seed=options["seed"], progress=options["progress"])
+    return (record, masks) if options["mode"] == "mask" else record
 
 
 def saved_widths(model: nn.Module) -> list[dict[str, int]] | None:
@@ -307,3 +521,29 @@ def load_widths(model: nn.Module, widths: list[dict[str, int]]) -> None:
         raise PrunekitError(f"the manifest states per-block widths, but {adapter.family} models have no "
                             "structured-pruning roles")
     resize_to_widths(model, adapter, widths)
+
+
+def describe_structure(model: nn.Module, example_inputs=None) -> list[str]:
+    """The coupled groups `prune_structure` removes together, one printable line per group: for a Hugging Face
+    model, each block's KV groups and neurons with the slices and parameters every unit owns (adapter-declared);
+    for any other module, the groups of its traced dependency graph on `example_inputs`."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        from prunekit.structure.graph import DependencyGraph
+
+        if example_inputs is None:
+            raise PrunekitError(f"{type(model).__name__} is traced on example inputs: pass them")
+        return DependencyGraph(model, example_inputs).summary_lines()
+    adapter = structure_adapter(model)
+    r = roles(adapter)
+    lines = []
+    for index, lay in enumerate(block_layouts(model, adapter)):
+        width = lay.group_size * lay.head_dim
+        heads = (f"{lay.kv_heads} KV groups of {lay.group_size} query head(s) × {lay.head_dim}: rows of {r.q} "
+                 f"({width}), {r.k} and {r.v} ({lay.head_dim} each), columns of {r.o} ({width}); "
+                 f"{lay.head_cost:,} parameters each")
+        neurons = (f"{lay.neurons} neurons: one row of {' and '.join(r.mlp_in)}, one column of {r.mlp_out}; "
+                   f"{lay.neuron_cost:,} parameters each")
+        lines.append(f"block {index}: {heads} | {neurons}")
+    return lines

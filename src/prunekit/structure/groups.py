@@ -1,11 +1,14 @@
-"""Coupled groups of a decoder block, declared from the adapter's roles (Hugging Face decoders do not trace).
+"""Coupled groups of a transformer block, declared from the adapter's roles (Hugging Face models do not trace).
 
 Two kinds of unit are removed whole:
 - an attention KV group: key/value head g with the query heads that share it (query heads g·G … g·G+G-1, the
   order in which `repeat_kv` expands key/value heads), i.e. those rows of q, k and v (and their biases) and those
   columns of o. Removing a KV head only together with all its query heads keeps every group the same size, so
   grouped-query attention stays valid. Query/key norms (Qwen3, Gemma 3, OLMo 2) act on one head's width and stay.
-- an MLP neuron: row j of every MLP input projection (gate and up) and column j of the output projection (down).
+  Encoders without grouped-query attention (BERT) have groups of one query head.
+- an MLP neuron: row j of every MLP input projection (gate and up; BERT's intermediate.dense) and column j of the
+  output projection (down; BERT's output.dense).
+The output projections' biases belong to the hidden dimension, which is not pruned, and stay whole.
 
 The widths are read from each block's tensors, so a model whose blocks already differ is handled.
 """
@@ -56,7 +59,7 @@ def structure_adapter(model: nn.Module) -> Adapter:
         raise PrunekitError(
             f"structured pruning of the {adapter.family} family ({type(model).__name__}) is not supported yet; "
             "supported: Llama-style decoders (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, smollm3, "
-            "olmo, olmo2)")
+            "olmo, olmo2) and BERT encoders (bert)")
     return adapter
 
 

@@ -3,7 +3,9 @@
 A plan is the inspectable result of scoring and selection: for each block the KV groups and neurons kept, and
 optionally FLAP's bias compensation for the output projections. Removal of uniform widths rewrites the config
 (heads, KV heads, head width, intermediate size) so that `from_pretrained` reloads the model; widths that differ
-between blocks cannot be stated in a Hugging Face config, and `config_mismatch` says so before a save.
+between blocks cannot be stated in a Hugging Face config, nor can fewer heads in a BERT config (its head width is
+always hidden_size // heads), and `config_mismatch` says so before a save, which then lists the widths in the
+manifest for `prunekit.load`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class BlockPlan:
     kept_heads: torch.Tensor
     kept_neurons: torch.Tensor
     bias_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # role 'attention' | 'mlp' -> [hidden]
+    # role -> (weight [hidden, kept channels], bias [hidden] or None): the output projection re-fitted by least
+    # squares on the kept channels (`structure.reconstruct`), replacing its kept columns (and bias)
+    refit: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 def removed_indices(kept: torch.Tensor, size: int) -> torch.Tensor:
@@ -87,11 +92,12 @@ def missing_bias_parameters(model: nn.Module, adapter: Adapter, kinds: set[str])
 
 def add_bias_flags(model: nn.Module, adapter: Adapter, kinds: set[str]) -> None:
     """Give every projection of each role in `kinds` a bias (zero where it had none) and set the config flag that
-    makes `from_pretrained` build them."""
+    makes `from_pretrained` build them (a family whose projections always have biases, BERT, has no flag)."""
     flags = dict(adapter.bias_flags)
     names = {"attention": adapter.attention, "mlp": adapter.mlp}
     for kind in kinds:
-        setattr(model.config, flags[kind], True)
+        if kind in flags:
+            setattr(model.config, flags[kind], True)
         for block in adapter.block_list(model):
             for name in names[kind]:
                 _ensure_bias(block.get_submodule(name))
@@ -104,23 +110,39 @@ def apply_plan(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout], p
     Returns, when zeroing, a keep-mask per projection weight by parameter name (bool, the weight's layout), the
     form `prunekit.training.Masks` takes; {} when removing.
     """
-    r = roles(adapter)
     prefix = adapter.block_prefix(model)
     masks: dict[str, torch.Tensor] = {}
     for index, (block, layout, plan) in enumerate(zip(adapter.block_list(model), layouts, plans, strict=True)):
-        for module, dim, kept, gone in _units(adapter, block, plan, layout):
-            if remove:
-                _slice(module, dim, kept)
-            else:
-                name = next(n for n, m in block.named_modules() if m is module)
-                mask = torch.ones_like(module.weight, dtype=torch.bool)
-                _zero(module, dim, gone, mask)
-                masks[f"{prefix}.{index}.{name}.weight"] = mask
-        for kind, delta in plan.bias_delta.items():
-            out = block.get_submodule(r.o if kind == "attention" else r.mlp_out)
-            out.bias.data += delta.to(out.bias.device, out.bias.dtype)
+        masks.update(apply_block_plan(adapter, block, f"{prefix}.{index}", layout, plan, remove=remove))
     if remove:
         sync_config(model, adapter)
+    return masks
+
+
+def apply_block_plan(adapter: Adapter, block: nn.Module, name: str, layout: BlockLayout, plan: BlockPlan, *,
+                     remove: bool) -> dict[str, torch.Tensor]:
+    """`apply_plan` for one block (named `name` in the model), without the config rewrite."""
+    r = roles(adapter)
+    masks: dict[str, torch.Tensor] = {}
+    outputs = {"attention": (block.get_submodule(r.o), head_channels(plan.kept_heads, layout)[0]),
+               "mlp": (block.get_submodule(r.mlp_out), plan.kept_neurons)}
+    for module, dim, kept, gone in _units(adapter, block, plan, layout):
+        if remove:
+            _slice(module, dim, kept)
+        else:
+            module_name = next(n for n, m in block.named_modules() if m is module)
+            mask = torch.ones_like(module.weight, dtype=torch.bool)
+            _zero(module, dim, gone, mask)
+            masks[f"{name}.{module_name}.weight"] = mask
+    for kind, (weight, bias) in plan.refit.items():
+        out, kept = outputs[kind]
+        columns = slice(None) if remove else kept.to(out.weight.device)
+        out.weight.data[:, columns] = weight.to(out.weight.device, out.weight.dtype)
+        if bias is not None:
+            out.bias.data.copy_(bias)
+    for kind, delta in plan.bias_delta.items():
+        out = outputs[kind][0]
+        out.bias.data += delta.to(out.bias.device, out.bias.dtype)
     return masks
 
 
@@ -137,16 +159,18 @@ def sync_config(model: nn.Module, adapter: Adapter) -> None:
     """Rewrite heads, KV heads, head width and intermediate size when every block has the same widths.
 
     The head width is written explicitly: configs that derive it as hidden_size // heads would otherwise change
-    it when the head count changes.
+    it when the head count changes. A family whose attention always derives it (BERT) keeps its head count, and
+    `config_mismatch` then reports the blocks' fewer heads, which the manifest states instead.
     """
     widths = block_widths(model, adapter)
     if any(w != widths[0] for w in widths):
         return
     config = model.config
-    config.head_dim = adapter.head_layout(config)["head_dim"]
-    setattr(config, adapter.heads, widths[0]["heads"])
-    if adapter.kv_heads:
-        setattr(config, adapter.kv_heads, widths[0]["kv_heads"])
+    if adapter.head_dim_in_config:
+        config.head_dim = adapter.head_layout(config)["head_dim"]
+        setattr(config, adapter.heads, widths[0]["heads"])
+        if adapter.kv_heads:
+            setattr(config, adapter.kv_heads, widths[0]["kv_heads"])
     setattr(config, adapter.intermediate, widths[0]["neurons"])
 
 

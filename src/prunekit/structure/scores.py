@@ -13,7 +13,7 @@ import torch
 
 from prunekit.structure.groups import BlockLayout
 
-CALIBRATED = ("activation", "wanda-sp", "flap")
+CALIBRATED = ("activation", "wanda-sp", "flap", "obs")  # obs: see structure.reconstruct
 
 
 @dataclass

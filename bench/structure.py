@@ -1,0 +1,515 @@
+"""Benchmark: structured pruning that makes models faster (issue 9), prunekit side by side with Torch-Pruning 1.6.
+
+SmolLM2-135M (`--models smollm2`, the default) at 20% and 35% of its parameters removed: prunekit's
+`prune_structure` with every scorer (KV groups with their query heads, and MLP neurons; uniform allocation) against
+Torch-Pruning's `MetaPruner` with its activation, Taylor and magnitude importances on MLP neurons at the same
+parameter reduction (its head pruning did not finish within 10 minutes on SmolLM2's grouped-query attention, so
+its attention stays whole). Metrics, one-shot (no healing): perplexity on the first `--eval-windows`
+non-overlapping 512-token windows of the held-out `wiki-summaries` split; calibration `--calibration-samples` x
+512 tokens of its train split (seed 0), the same tokens for both libraries; parameters; MACs of one 64-token
+prefill; greedy generation tokens/s at batch 1 with the KV cache (16 new tokens after a 64-token prompt); prefill
+tokens/s at batch 16 x 64 tokens.
+
+MobileNetV2 (`--models mobilenetv2`) with its ImageNet weights at 30% and 50% removed: prunekit's `prune_graph`
+against Torch-Pruning (Taylor, BN scale, magnitude; channel ratio bisected to the same parameter reduction);
+top-1 agreement with the dense model on random crops of local photographs; latency at batch 1 and 16.
+
+Each run is a fresh process and the two libraries' runs alternate. Each process keeps a copy of the dense model
+and times it in turns with the pruned one, so that the load of a shared machine changes both alike; speedups are
+against that copy, with `prunekit.measure.speed_record`'s flag for "not measurably faster".
+
+    nice -n 10 .venv/bin/python bench/structure.py             # SmolLM2, 19 processes (~25 min on an idle machine)
+    .venv/bin/python bench/structure.py --only prunekit:flap:0.2 tp:activation:0.2
+    .venv/bin/python bench/structure.py --table                # rebuild the tables from the JSON lines of a run
+
+A full run writes bench/results/structure_<model>.{jsonl,md} and its table in BENCHMARKS.md; a run with --only
+prints its table and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MODEL = "smollm2-135m"
+BUDGETS = ("0.2", "0.35")
+# calibrated scorers first, so that a run cut short has the strongest of each library
+PRUNEKIT_METHODS = ("flap", "wanda-sp", "activation", "l2", "l1", "random")
+TP_METHODS = ("activation", "taylor", "magnitude")
+SEQ_LEN = 512
+PROMPT = 64  # tokens of the generation prompt and of each prefill sequence
+NEW_TOKENS = 16
+PREFILL_BATCH = 16
+
+
+def _configs() -> list[str]:
+    """Dense, then per budget the two libraries' runs interleaved."""
+    runs = ["dense"]
+    for budget in BUDGETS:
+        ours = [f"prunekit:{m}:{budget}" for m in PRUNEKIT_METHODS]
+        theirs = [f"tp:{m}:{budget}" for m in TP_METHODS]
+        runs += [r for pair in zip_longest(ours, theirs) for r in pair if r]
+    return runs
+
+
+def _tp_prune(model, method: str, remove: float, calib, batch_size: int) -> dict:
+    """Torch-Pruning on MLP neurons only: every Linear but gate/up is ignored as a pruning root, so the coupled
+    groups are (gate row, up row, down column) of each block, pruned uniformly; the neuron ratio is chosen to
+    remove `remove` of all parameters."""
+    import torch
+    import torch_pruning as tp
+
+    from prunekit.adapters import adapter_for
+    from prunekit.structure.groups import roles
+
+    adapter = adapter_for(model)
+    r = roles(adapter)
+    blocks = adapter.block_list(model)
+    ignored = [model.get_output_embeddings()]
+    for block in blocks:
+        ignored += [block.get_submodule(name) for name in (r.q, r.k, r.v, r.o, r.mlp_out)]
+    down = blocks[0].get_submodule(r.mlp_out)
+    neurons, neuron_cost = down.in_features, down.out_features * (len(r.mlp_in) + 1)
+    total = sum(p.numel() for p in model.parameters())
+    per_block = round(total * remove / (len(blocks) * neuron_cost))
+    # Torch-Pruning keeps int(width * (1 - ratio)) channels; half a channel of slack makes that exactly the count
+    ratio = (per_block - 0.5) / neurons
+    importance = {"magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+                  "activation": lambda: tp.importance.ActivationImportance(p=2, target_types=[torch.nn.Linear]),
+                  "taylor": lambda: tp.importance.TaylorImportance()}[method]()
+    example = calib[:1, :16]
+    pruner = tp.pruner.MetaPruner(model, example_inputs=example, importance=importance, pruning_ratio=ratio,
+                                  ignored_layers=ignored, output_transform=lambda out: out.logits)
+    if method == "activation":
+        # its hooks keep the statistics of the last forward only, so all calibration tokens go in one pass
+        with torch.no_grad(), importance.compute_importance(model):
+            model(input_ids=calib, use_cache=False, logits_to_keep=1)
+    elif method == "taylor":
+        model.zero_grad()
+        for batch in calib.split(batch_size):
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    for group in pruner.step(interactive=True):
+        group.prune()
+    model.zero_grad(set_to_none=True)
+    widths = {block.get_submodule(r.mlp_out).in_features for block in blocks}
+    if len(widths) == 1:
+        model.config.intermediate_size = widths.pop()
+    after = sum(p.numel() for p in model.parameters())
+    return {"method": {"name": method, "library": "torch-pruning", "units": ["neurons"], "allocation": "uniform",
+                       "neuron_ratio": ratio, "remove": remove},
+            "metrics": {"removed_fraction": {"target": remove, "achieved": 1 - after / total},
+                        "parameters": {"before": total, "after": after}}}
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One configuration in this process: load, prune, then perplexity, MACs and speed."""
+    import torch
+
+    from prunekit.assets import load_causal_lm
+    from prunekit.corpus import calibration_tokens, evaluation_windows
+    from prunekit.measure import (
+        ResourceMonitor,
+        count_macs,
+        environment,
+        generation_speed,
+        parameter_counts,
+        perplexity,
+        prefill_speed,
+    )
+    from prunekit.structure import prune_structure
+
+    torch.set_num_threads(args.threads)
+    loaded = load_causal_lm(MODEL)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    library, _, rest = args.one.partition(":")
+    record: dict = {"run": args.one, "library": library}
+    dense = None
+    if library != "dense":
+        dense = copy.deepcopy(model)  # timed in turns with the pruned model, in this process
+        method, budget = rest.split(":")
+        remove = float(budget)
+        calib_info = dict(calibration="wiki-summaries", calibration_samples=args.calibration_samples,
+                          calibration_seq_len=SEQ_LEN, seed=0)
+        with ResourceMonitor() as monitor:
+            if library == "prunekit":
+                pruned = prune_structure(model, tokenizer, method=method, remove=remove, batch_size=4,
+                                         progress=False, model_source=MODEL, **calib_info)
+            else:
+                calib = calibration_tokens(tokenizer, "wiki-summaries", samples=args.calibration_samples,
+                                           seq_len=SEQ_LEN, seed=0).ids
+                pruned = _tp_prune(model, method, remove, calib, batch_size=4)
+        record.update(method=pruned["method"], removed_fraction=pruned["metrics"]["removed_fraction"],
+                      calibration=calib_info, prune_s=monitor.wall_s, peak_rss_mb=monitor.peak_rss_mb)
+    windows = evaluation_windows(tokenizer, "wiki-summaries", seq_len=SEQ_LEN, max_windows=args.eval_windows)
+    record["perplexity"] = perplexity(model, windows.ids, batch_size=4, progress=False)
+    record["evaluation"] = windows.info
+    prompt = windows.ids[:PREFILL_BATCH, :PROMPT]
+    record["parameters"] = parameter_counts(model)["total"]
+    record["macs"] = count_macs(model, {"input_ids": prompt[:1], "use_cache": False, "logits_to_keep": 1})
+    measures = {"generation": lambda m: generation_speed(m, prompt[:1], new_tokens=NEW_TOKENS, warmup=0, repeats=1),
+                "prefill": lambda m: prefill_speed(m, prompt, warmup=0, repeats=1)}
+    models = {"pruned": model} if dense is None else {"dense": dense, "pruned": model}
+    for kind, measure in measures.items():
+        runs = _interleaved(measure, models, args.repeats)
+        record[kind] = {**measure(model), **runs["pruned"]}  # the extra call only supplies the settings' fields
+        if dense is not None:
+            record[f"dense_{kind}"] = {**record[kind], **runs["dense"]}
+    record["environment"] = environment()
+    return record
+
+
+def _interleaved(measure, models: dict, repeats: int) -> dict[str, dict]:
+    """Tokens/s of each model, measured in turns (one untimed warm-up each, then `repeats` rounds), so that a
+    change in the machine's load during the run hits the dense and the pruned model alike."""
+    import statistics
+
+    for model in models.values():
+        measure(model)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            rates[name].append(measure(model)["tokens_per_s"])
+    result = {}
+    for name, values in rates.items():
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        result[name] = {"tokens_per_s": median, "q1_tokens_per_s": q1, "q3_tokens_per_s": q3, "runs": values}
+    return result
+
+
+def _speed(row: dict, dense: dict) -> dict:
+    """The speed record of a pruned row against the dense model timed in turns with it in the same process."""
+    from prunekit.measure import speed_record
+
+    return speed_record({"macs": dense["macs"], "generation": row["dense_generation"],
+                         "prefill": row["dense_prefill"]},
+                        {k: row[k] for k in ("macs", "generation", "prefill")})
+
+
+def _table(rows: list[dict]) -> str:
+    dense = rows[0]
+    lines = ["| library | method | params removed (target) | perplexity | MACs removed | ideal speedup | "
+             "generation tok/s (b=1) | speedup | prefill tok/s (b=16) | speedup | % of ideal | faster? | prune s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 11)
+            continue
+        gen, pre = row["generation"]["tokens_per_s"], row["prefill"]["tokens_per_s"]
+        if row["library"] == "dense":
+            lines.append(f"| dense | — | — | {row['perplexity']['perplexity']:.2f} | — | — | {gen:.1f} | — | "
+                         f"{pre:.0f} | — | — | — | — |")
+            continue
+        s = _speed(row, dense)
+        removed = row["removed_fraction"]
+        library = "prunekit" if row["library"] == "prunekit" else "Torch-Pruning"
+        units = "heads+neurons" if row["library"] == "prunekit" else "neurons"
+        lines.append(
+            f"| {library} | {row['method']['name']} ({units}) | {removed['achieved']:.1%} ({removed['target']:.0%}) "
+            f"| {row['perplexity']['perplexity']:.2f} | {s['macs']['removed_fraction']:.1%} | "
+            f"{s['ideal_speedup']:.2f} | {gen:.1f} | {s['generation']['speedup']:.2f} | {pre:.0f} | "
+            f"{s['prefill']['speedup']:.2f} | {s['prefill']['speedup'] / s['ideal_speedup']:.0%} | "
+            f"{'no' if s['not_faster'] else 'yes'} | {row['prune_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _write_benchmarks(name: str, block_text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{block_text}\n{end}"
+    text = path.read_text(encoding="utf-8")
+    heading = "## Structured pruning that makes models faster (issue 9)"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + ("" if heading in text else f"\n\n{heading}") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def _llm_meta(args: argparse.Namespace, rows: list[dict]) -> str:
+    env_card, evaluation = rows[0]["environment"], rows[0]["evaluation"]
+    return (
+        f"SmolLM2-135M (`{MODEL}`), one-shot (no healing). Calibration {args.calibration_samples} × {SEQ_LEN} tokens "
+        f"of the `wiki-summaries` train split (seed 0), the same for both libraries; perplexity on the first "
+        f"{evaluation['windows']} non-overlapping {SEQ_LEN}-token windows of its held-out split. MACs of one "
+        f"{PROMPT}-token prefill; generation: greedy, batch 1, KV cache, {NEW_TOKENS} new tokens after a "
+        f"{PROMPT}-token prompt; prefill: batch {PREFILL_BATCH} × {PROMPT} tokens; medians of {args.repeats} runs "
+        f"after 1 warm-up, each pruned model timed in turns with a dense copy in the same process (the dense row's "
+        f"speeds are its own process's); 'faster?' is `speed_record`'s test (≥ 5% and interquartile ranges "
+        f"apart, for both generation and prefill). % of ideal is the prefill speedup over 1 / (1 − MACs removed). "
+        f"{args.threads} threads on {platform.processor() or platform.machine()} ({env_card['cpu_count']} cores), "
+        f"torch {env_card['torch']}, transformers {env_card['transformers']}, Torch-Pruning 1.6.1; each row a fresh "
+        f"process, prunekit and Torch-Pruning runs alternating, run under `nice -n 10` on a shared machine. "
+        f"Regenerate: `.venv/bin/python bench/structure.py` (or `make bench-structure`)."
+    )
+
+
+# MobileNetV2 with its ImageNet weights: prunekit's graph pruning against Torch-Pruning at 30% and 50% removed.
+VISION_BUDGETS = ("0.3", "0.5")
+VISION_PRUNEKIT = ("taylor", "activation", "l2", "bn-scale", "random")
+VISION_TP = ("taylor", "bn-scale", "magnitude")
+IMAGE_SIZE = 224
+
+
+def _vision_configs() -> list[str]:
+    runs = ["dense"]
+    for budget in VISION_BUDGETS:
+        ours = [f"prunekit:{m}:{budget}" for m in VISION_PRUNEKIT]
+        theirs = [f"tp:{m}:{budget}" for m in VISION_TP]
+        runs += [r for pair in zip_longest(ours, theirs) for r in pair if r]
+    return runs
+
+
+def _crops(count: int, seed: int):
+    """`count` random resized crops (a quarter to all of the area, aspect 3/4 to 4/3, random horizontal flip) of
+    scikit-learn's two sample photographs, 224 × 224, normalised with ImageNet's mean and standard deviation: no
+    ImageNet images exist offline, and agreement with the dense model needs natural images, not labels."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_sample_images
+
+    photos = [torch.tensor(image).permute(2, 0, 1).float() / 255 for image in load_sample_images().images]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    g = torch.Generator().manual_seed(seed)
+    crops = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        _, height, width = photo.shape
+        area = height * width * (0.25 + 0.75 * torch.rand(1, generator=g).item())
+        aspect = (3 / 4) * (16 / 9) ** torch.rand(1, generator=g).item()  # log-uniform in [3/4, 4/3]
+        h, w = min(height, round((area / aspect) ** 0.5)), min(width, round((area * aspect) ** 0.5))
+        top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+        left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+        crop = F.interpolate(photo[None, :, top:top + h, left:left + w], size=(IMAGE_SIZE, IMAGE_SIZE),
+                             mode="bilinear", align_corners=False)[0]
+        if torch.rand(1, generator=g).item() < 0.5:
+            crop = crop.flip(-1)
+        crops.append((crop - mean) / std)
+    return torch.stack(crops)
+
+
+def _own_label_loss(model, batch):
+    """Cross-entropy against the model's own top-1 (no labels exist for these crops), as prunekit's default."""
+    import torch.nn.functional as F
+
+    logits = model(batch)
+    return F.cross_entropy(logits, logits.detach().argmax(1))
+
+
+def _tp_vision(model, method: str, remove: float, calib) -> dict:
+    """Torch-Pruning's MetaPruner (uniform per layer, classifier ignored), its channel ratio bisected on copies of
+    the model until the parameters removed match `remove`."""
+    import torch_pruning as tp
+
+    make = {"magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+            "bn-scale": lambda: tp.importance.BNScaleImportance(),
+            "taylor": lambda: tp.importance.TaylorImportance()}[method]
+    if method == "taylor":  # gradients once, copied to every trial copy below
+        model.zero_grad()
+        for batch in calib.split(8):
+            _own_label_loss(model, batch).backward()
+    total = sum(p.numel() for p in model.parameters())
+    example = calib[:1]
+
+    def trial_copy():
+        trial = copy.deepcopy(model)  # deepcopy leaves .grad behind
+        for source, target in zip(model.parameters(), trial.parameters(), strict=True):
+            target.grad = None if source.grad is None else source.grad.clone()
+        return trial
+
+    def pruned(ratio: float, target):
+        pruner = tp.pruner.MetaPruner(target, example_inputs=example, importance=make(), pruning_ratio=ratio,
+                                      ignored_layers=[target.classifier])
+        pruner.step()
+        return 1 - sum(p.numel() for p in target.parameters()) / total
+
+    low, high = 0.0, 0.95
+    for _ in range(12):
+        middle = (low + high) / 2
+        if pruned(middle, trial_copy()) < remove:
+            low = middle
+        else:
+            high = middle
+    ratio = min((low, high), key=lambda r: abs(pruned(r, trial_copy()) - remove))
+    achieved = pruned(ratio, model)
+    model.zero_grad(set_to_none=True)
+    return {"method": {"name": method, "library": "torch-pruning", "channel_ratio": ratio},
+            "metrics": {"removed_fraction": {"target": remove, "achieved": achieved}}}
+
+
+def run_one_vision(args: argparse.Namespace) -> dict:
+    """One MobileNetV2 configuration in this process: prune, then top-1 agreement, MACs and latency."""
+    import torch
+
+    from prunekit.measure import ResourceMonitor, count_macs, environment, latency, parameter_counts
+    from prunekit.nets import mobilenet_v2_imagenet
+    from prunekit.structure.graph_prune import prune_graph
+
+    torch.set_num_threads(args.threads)
+    model = mobilenet_v2_imagenet()
+    images, calib = _crops(args.images, seed=0), _crops(32, seed=1)
+    with torch.inference_mode():
+        dense_top1 = torch.cat([model(batch).argmax(1) for batch in images.split(32)])
+    library, _, rest = args.one.partition(":")
+    record: dict = {"run": args.one, "library": library}
+    models = {"pruned": model}
+    if library != "dense":
+        models["dense"] = copy.deepcopy(model)
+        method, budget = rest.split(":")
+        with ResourceMonitor() as monitor:
+            if library == "prunekit":
+                pruned, _ = prune_graph(model, images[:1], method=method, remove=float(budget),
+                                        ignore=[model.classifier], calibration=list(calib.split(8)), progress=False)
+            else:
+                pruned = _tp_vision(model, method, float(budget), calib)
+        record.update(method=pruned["method"], removed_fraction=pruned["metrics"]["removed_fraction"],
+                      prune_s=monitor.wall_s)
+    model.eval()
+    with torch.inference_mode():
+        top1 = torch.cat([model(batch).argmax(1) for batch in images.split(32)])
+    record["agreement"] = float((top1 == dense_top1).float().mean())
+    record["images"] = args.images
+    record["parameters"] = parameter_counts(model)["total"]
+    record["macs"] = count_macs(model, images[:1])
+    for name, m in models.items():
+        record["latency" if name == "pruned" else "dense_latency"] = latency(m, images[:1], batch_sizes=(1, 16))
+    if library != "dense":
+        record["dense_macs"] = count_macs(models["dense"], images[:1])
+    record["environment"] = environment()
+    return record
+
+
+def _vision_table(rows: list[dict]) -> str:
+    from prunekit.measure import speed_record
+
+    lines = ["| library | method | params removed (target) | top-1 agreement | MACs removed | ideal speedup | "
+             "b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 11)
+            continue
+        ms = {b: row["latency"]["batch_sizes"][b]["median_ms"] for b in ("1", "16")}
+        if row["library"] == "dense":
+            lines.append(f"| dense | — | — | 100% | — | — | {ms['1']:.1f} | — | {ms['16']:.1f} | — | — | — | — |")
+            continue
+        s = speed_record({"macs": row["dense_macs"], "latency": row["dense_latency"]},
+                         {"macs": row["macs"], "latency": row["latency"]})
+        removed = row["removed_fraction"]
+        library = "prunekit" if row["library"] == "prunekit" else "Torch-Pruning"
+        lines.append(
+            f"| {library} | {row['method']['name']} | {removed['achieved']:.1%} ({removed['target']:.0%}) | "
+            f"{row['agreement']:.1%} | {s['macs']['removed_fraction']:.1%} | {s['ideal_speedup']:.2f} | "
+            f"{ms['1']:.1f} | {s['latency']['1']['speedup']:.2f} | {ms['16']:.1f} | "
+            f"{s['latency']['16']['speedup']:.2f} | {s['latency']['16']['ideal_fraction']:.0%} | "
+            f"{'no' if s['not_faster'] else 'yes'} | {row['prune_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _vision_meta(args: argparse.Namespace, rows: list[dict]) -> str:
+    env_card = rows[0]["environment"]
+    return (
+        f"MobileNetV2 with torchvision's ImageNet-1k weights, one-shot (no fine-tuning), classifier kept whole. "
+        f"Top-1 agreement with the dense model on {rows[0]['images']} random resized 224 × 224 crops of "
+        f"scikit-learn's two sample photographs (seed 0); calibration for Taylor and activation: 32 other crops "
+        f"(seed 1), the loss against the model's own top-1 for both libraries. Torch-Pruning's channel ratio is "
+        f"bisected to the same parameter reduction. Latency: median of 10 after 3 warm-ups, each pruned model and a "
+        f"dense copy in the same process; {args.threads} threads, torch {env_card['torch']}, Torch-Pruning 1.6.1. "
+        f"Regenerate: `.venv/bin/python bench/structure.py --models mobilenetv2`."
+    )
+
+
+@dataclass(frozen=True)
+class Section:
+    """A model's runs, its worker and its table; results go to bench/results/structure_<name>.{jsonl,md} and the
+    `<!-- structure_<name>:begin/end -->` block of BENCHMARKS.md."""
+
+    configs: Callable[[], list[str]]
+    run_one: Callable[[argparse.Namespace], dict]
+    table: Callable[[list[dict]], str]
+    meta: Callable[[argparse.Namespace, list[dict]], str]
+
+
+SECTIONS = {"smollm2": Section(_configs, run_one, _table, _llm_meta),
+            "mobilenetv2": Section(_vision_configs, run_one_vision, _vision_table, _vision_meta)}
+
+
+def _run_section(name: str, args: argparse.Namespace) -> None:
+    section = SECTIONS[name]
+    configs = section.configs()
+    if args.only:
+        configs = ["dense", *[c for c in configs if c in args.only and c != "dense"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / f"structure_{name}.jsonl"
+    rows: list[dict] = []
+    if args.table:
+        rows = [json.loads(line) for line in raw.read_text(encoding="utf-8").splitlines()]
+        configs = []
+    elif not args.only:
+        raw.write_text("")
+    for one in configs:
+        cmd = [sys.executable, __file__, "--one", one, "--section", name, "--threads", str(args.threads),
+               "--calibration-samples", str(args.calibration_samples), "--eval-windows", str(args.eval_windows),
+               "--repeats", str(args.repeats), "--images", str(args.images)]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:  # one failed configuration is reported, and the others still run
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"run": one, "library": one.partition(":")[0], "error": error})
+            print(f"{name} {one}: failed: {error}", file=sys.stderr)
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{name} {one}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if not args.only:  # one JSON line per run as it finishes, so an interrupted run keeps what it measured
+            with raw.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    table = section.table(rows)
+    print(table)
+    if args.only:
+        return
+    meta = section.meta(args, rows)
+    (RESULTS / f"structure_{name}.md").write_text(f"{meta}\n\n{table}\n", encoding="utf-8")
+    _write_benchmarks(f"structure_{name}", f"{meta}\n\n{table}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--section", choices=list(SECTIONS), default="smollm2", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", choices=list(SECTIONS), default=["smollm2"],
+                        help="sections to run, in order")
+    parser.add_argument("--only", nargs="*", help="runs such as prunekit:flap:0.2, tp:taylor:0.35 (dense always runs)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-samples", type=int, default=8, help="SmolLM2: calibration sequences")
+    parser.add_argument("--eval-windows", type=int, default=16, help="SmolLM2: held-out 512-token windows")
+    parser.add_argument("--repeats", type=int, default=3, help="SmolLM2: timed rounds of generation and prefill")
+    parser.add_argument("--images", type=int, default=256, help="MobileNetV2: crops for top-1 agreement")
+    parser.add_argument("--table", action="store_true",
+                        help="only rebuild the tables from bench/results/structure_<model>.jsonl (e.g. of a cut run)")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(SECTIONS[args.section].run_one(args)))
+        return
+    known = {c for name in args.models for c in SECTIONS[name].configs()}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    for name in args.models:
+        _run_section(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`prunekit heal --model DIR --method lora --tokens 2000000 --out healed/`: heal a pruned causal LM; registered by
+`prunekit.cli`.
+
+A thin layer over `prunekit.recovery.heal`. Everything checkable is checked before the model loads (options, that
+the output is not an input, that it does not exist without --overwrite), so bad input exits 2 with one line and
+writes nothing. The output is written atomically through `prunekit.save`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prunekit import names
+from prunekit.artifacts.files import check_distinct, check_output_dir
+from prunekit.cli import count
+from prunekit.errors import PrunekitError
+
+
+def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `heal` verb on the `prunekit` sub-command set."""
+    p = verbs.add_parser("heal", help="recover a pruned causal LM's quality: LoRA (merged, zeros kept), masked full "
+                         "fine-tuning or PERP, optionally distilling the dense model")
+    p.add_argument("--model", required=True, help="pruned model: a directory written by prunekit, or an asset name")
+    p.add_argument("--method", choices=names.HEAL_METHODS, default="lora", help="what trains (default: lora)")
+    p.add_argument("--tokens", type=count(1), default=2_000_000, help="training tokens (default 2000000)")
+    p.add_argument("--data", default="wiki-summaries",
+                   help="training text: asset name (its train split) or a local file (last 10%% of documents held "
+                        "out for evaluation)")
+    p.add_argument("--eval-data", default=None, help="evaluation text (default: the held-out part of --data)")
+    p.add_argument("--seq-len", type=count(2), default=512, help="tokens per training sequence (default 512)")
+    p.add_argument("--batch-size", type=count(1), default=8, help="sequences per micro-batch (default 8)")
+    p.add_argument("--accumulation", type=count(1), default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default by method)")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up (default 0.05)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
+    p.add_argument("--rank", type=count(1), default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled alpha/rank (default 16)")
+    p.add_argument("--perp-head", action="store_true", help="perp: also train the LM head")
+    p.add_argument("--teacher", default=None, help="dense model to distill from (asset name or directory)")
+    p.add_argument("--distill", choices=names.DISTILL_MODES, default=None, help="distillation loss (needs --teacher)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation terms (default 0.5)")
+    p.add_argument("--seed", type=count(0), default=0, help="seed for data order and LoRA initialisation")
+    p.add_argument("--eval-seq-len", type=count(2), default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--eval-windows", type=count(0), default=64, help="evaluation windows (0 = all; default 64)")
+    p.add_argument("--checkpoint-dir", default=None, help="save resumable checkpoints here")
+    p.add_argument("--checkpoint-every", type=count(1), default=None, help="steps between checkpoints (default: end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--device", default=None, help="training device, e.g. cpu or cuda (default: the CPU)")
+    p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the result record as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run, summary=summary)
+    return p
+
+
+def _local(source: str | None) -> str | None:
+    return source if source is not None and Path(source).exists() else None
+
+
+def _layer_map(manifest: dict | None, teacher_blocks: int) -> list[int] | None:
+    """The teacher block each student block was, from a depth-pruned model's manifest (`kept_blocks`)."""
+    kept = ((manifest or {}).get("metrics") or {}).get("kept_blocks")
+    if isinstance(kept, list) and kept and all(isinstance(i, int) and 0 <= i < teacher_blocks for i in kept):
+        return kept
+    return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check everything, load the model (and teacher), heal, save atomically; returns the result record."""
+    out = Path(args.out)
+    check_distinct({"input model": _local(args.model), "teacher": _local(args.teacher),
+                    "training text": _local(args.data), "evaluation text": _local(args.eval_data)},
+                   {"output directory": out, "checkpoint directory": args.checkpoint_dir})
+    check_output_dir(out, args.overwrite)
+    if (args.distill is None) != (args.teacher is None):
+        raise PrunekitError("--distill and --teacher go together: give both or neither")
+    if args.resume and args.checkpoint_dir is None:
+        raise PrunekitError("--resume needs --checkpoint-dir")
+
+    import torch
+    import transformers
+
+    from prunekit import api
+    from prunekit.assets import load_causal_lm
+    from prunekit.recovery.api import check_heal_options, heal
+
+    check_heal_options(args.method, args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                       accumulation=args.accumulation, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                       lora_rank=args.rank, lora_alpha=args.alpha, lora_roles=("attention", "mlp"),
+                       distill=args.distill, has_teacher=args.teacher is not None,
+                       temperature=args.temperature, distill_alpha=args.distill_alpha,
+                       checkpoint_every=args.checkpoint_every)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    api.check_lengths(args.model, calibration_seq_len=args.seq_len, eval_seq_len=args.eval_seq_len)
+    loaded = load_causal_lm(args.model)
+    manifest = None
+    if _local(args.model) and (Path(args.model) / "prunekit.json").is_file():
+        from prunekit.artifacts.io import MANIFEST_LIMIT, read_json_file
+
+        manifest = read_json_file(Path(args.model) / "prunekit.json", limit=MANIFEST_LIMIT, what="manifest")
+    teacher, layer_map = None, None
+    if args.teacher is not None:
+        teacher = load_causal_lm(args.teacher).model
+        if args.distill == "logits+hidden":
+            layer_map = _layer_map(manifest, teacher.config.num_hidden_layers)
+    record = heal(loaded.model, loaded.tokenizer, method=args.method, tokens=args.tokens, data=args.data,
+                  eval_data=args.eval_data, seq_len=args.seq_len, batch_size=args.batch_size,
+                  accumulation=args.accumulation, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                  seed=args.seed, lora_rank=args.rank, lora_alpha=args.alpha, perp_head=args.perp_head,
+                  distill=args.distill, teacher=teacher, temperature=args.temperature,
+                  distill_alpha=args.distill_alpha, layer_map=layer_map, eval_seq_len=args.eval_seq_len,
+                  eval_windows=args.eval_windows or None, checkpoint_dir=args.checkpoint_dir,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+                  progress=progress, model_source=args.model)
+    if manifest is not None:
+        record["pruning"] = manifest.get("method")
+    api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
+    record["output"] = str(out)
+    return record
+
+
+def summary(record: dict) -> str:
+    """A few lines for the terminal: method, budget, perplexity before and after, sparsity, time, output."""
+    metrics, method = record["metrics"], record["method"]
+    tokens, heal_res = metrics["tokens"], record["resources"]["heal"]
+    sparsity = metrics["sparsity"]
+    lines = [
+        f"model      {record['model']['source']} ({record['model']['parameters']:,} parameters)",
+        f"method     {method['name']}" + (f", distilled ({method['distill']})" if method["distill"] else "")
+        + f", {metrics['trainable_parameters']:,} trainable parameters",
+        f"tokens     target {tokens['target']:,}, trained {tokens['achieved']:,} ({metrics['steps']} steps)",
+        f"perplexity {metrics['before']['perplexity']:.2f} -> {metrics['after']['perplexity']:.2f} "
+        f"({record['evaluation']['windows']} held-out windows × {record['evaluation']['seq_len']} tokens)",
+        f"sparsity   {sparsity['before']['sparsity']:.4f} -> {sparsity['after']['sparsity']:.4f}",
+        f"resources  {heal_res['wall_s']:.1f} s, peak memory {heal_res['peak_rss_mb']:.0f} MB",
+    ]
+    if "output" in record:
+        lines.append(f"saved      {record['output']}")
+    return "\n".join(lines)
