@@ -46,7 +46,7 @@ RESULTS = ROOT / "bench" / "results"
 MODEL = "smollm2-135m"
 BUDGETS = ("0.2", "0.35")
 # calibrated scorers first, so that a run cut short has the strongest of each library
-PRUNEKIT_METHODS = ("flap", "wanda-sp", "activation", "l2", "l1", "random")
+PRUNEKIT_METHODS = ("obs", "flap", "wanda-sp", "activation", "l2", "l1", "random")
 TP_METHODS = ("activation", "taylor", "magnitude")
 SEQ_LEN = 512
 PROMPT = 64  # tokens of the generation prompt and of each prefill sequence
@@ -453,12 +453,14 @@ def _run_section(name: str, args: argparse.Namespace) -> None:
         configs = ["dense", *[c for c in configs if c in args.only and c != "dense"]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = RESULTS / f"structure_{name}.jsonl"
+    stem = f"structure_{name}" + (f"_{args.name}" if args.name else "")
+    keep = not args.only or args.name  # a named selection is a table of its own; an unnamed one is only printed
+    raw = RESULTS / f"{stem}.jsonl"
     rows: list[dict] = []
     if args.table:
         rows = [json.loads(line) for line in raw.read_text(encoding="utf-8").splitlines()]
         configs = []
-    elif not args.only:
+    elif keep:
         raw.write_text("")
     for one in configs:
         cmd = [sys.executable, __file__, "--one", one, "--section", name, "--threads", str(args.threads),
@@ -473,16 +475,16 @@ def _run_section(name: str, args: argparse.Namespace) -> None:
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{name} {one}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        if not args.only:  # one JSON line per run as it finishes, so an interrupted run keeps what it measured
+        if keep:  # one JSON line per run as it finishes, so an interrupted run keeps what it measured
             with raw.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
     table = section.table(rows)
     print(table)
-    if args.only:
+    if not keep:
         return
     meta = section.meta(args, rows)
-    (RESULTS / f"structure_{name}.md").write_text(f"{meta}\n\n{table}\n", encoding="utf-8")
-    _write_benchmarks(f"structure_{name}", f"{meta}\n\n{table}")
+    (RESULTS / f"{stem}.md").write_text(f"{meta}\n\n{table}\n", encoding="utf-8")
+    _write_benchmarks(stem, f"{meta}\n\n{table}")
 
 
 def main() -> None:
@@ -492,6 +494,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(SECTIONS), default=["smollm2"],
                         help="sections to run, in order")
     parser.add_argument("--only", nargs="*", help="runs such as prunekit:flap:0.2, tp:taylor:0.35 (dense always runs)")
+    parser.add_argument("--name", default=None,
+                        help="with --only: keep the selection as its own table, bench/results/structure_<model>_<name>")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=8, help="SmolLM2: calibration sequences")
     parser.add_argument("--eval-windows", type=int, default=16, help="SmolLM2: held-out 512-token windows")

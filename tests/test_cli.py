@@ -33,7 +33,7 @@ def _one_line_error(capsys, *needles):
     (["--method", "wanda", "--pattern", "0:4"], ["pattern '0:4' is impossible"]),
     (["--method", "wanda", "--pattern", "2:5"], ["2:5 needs input widths divisible by 5", "width 576"]),
     (["--method", "wanda", "--pattern", "two:four"], ["pattern 'two:four' is not understood"]),
-    (["--method", "obs", "--sparsity", "0.5"], ["unknown method 'obs'"]),
+    (["--method", "bogus", "--sparsity", "0.5"], ["unknown method 'bogus'"]),
     (["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl", "--pattern", "2:4"], ["OWL"]),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-samples", "100000"], ["calibration text has"]),
 ])

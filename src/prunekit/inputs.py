@@ -16,7 +16,7 @@ from prunekit.measure import parameter_counts
 from prunekit.measure.protocol import weights_sha256
 
 
-def _max_positions(config) -> int | None:
+def max_positions(config) -> int | None:
     """The longest sequence a model's positions cover (absolute embeddings or its stated rotary range)."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -43,7 +43,7 @@ def check_lengths(
         from prunekit.assets import model_config
 
         config = model_config(model)
-    limit = None if config is None else _max_positions(config)
+    limit = None if config is None else max_positions(config)
     for what, length in (("calibration", calibration_seq_len), ("evaluation", eval_seq_len)):
         if length is None:
             continue

@@ -12,7 +12,7 @@ from prunekit.adapters import Adapter
 from prunekit.allocation import check_allocation
 from prunekit.assets import text_asset_names
 from prunekit.errors import PrunekitError
-from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
+from prunekit.inputs import calibration_set, check_lengths, evaluation_set, max_positions, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record
 from prunekit.measure.embedding import embedding_fidelity, sentence_embeddings
 from prunekit.measure.speed import speed_record
@@ -243,10 +243,12 @@ def prune_sequentially(model: nn.Module, adapter: Adapter, layouts: list[BlockLa
 
 
 def model_speed(model: nn.Module, *, timed: bool, seq_len: int = 128) -> dict:
-    """MACs of one sequence of `seq_len` tokens and, if `timed`, forward latency at batch 1 and 16 (the current
-    thread count); token values do not change either, so the ids are fixed pseudo-random ones."""
+    """MACs of one sequence of `seq_len` tokens (fewer if the model's positions end sooner) and, if `timed`, forward
+    latency at batch 1 and 16 (the current thread count); token values change neither, so the ids are fixed
+    pseudo-random ones."""
     from prunekit.measure.speed import count_macs, latency
 
+    seq_len = min(seq_len, max_positions(model.config) or seq_len)
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(vocab, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(
         next(model.parameters()).device)
