@@ -423,12 +423,17 @@ def test_a_save_killed_at_any_point_leaves_all_or_nothing(tmp_path, delay):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen([*PRUNEKIT, "prune", "--model", "smollm2-135m", "--sparsity", "0.5", "--out",
                                 str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(3)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it hangs: faulthandler prints every thread's stack on SIGABRT
+        process.send_signal(signal.SIGABRT)
+        _, err = process.communicate()
+        pytest.fail(f"no exit 60 s after Ctrl-C; stacks:\n{err[-6000:]}")
     assert process.returncode == 130, err
     assert err.strip().splitlines()[-1] == "prunekit: interrupted; nothing was written"
     assert "Traceback" not in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -398,12 +399,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console entry point: `main`, with Ctrl-C during start-up answered like Ctrl-C during work."""
+    """The console entry point: `main`, with Ctrl-C during start-up answered like Ctrl-C during work.
+
+    After Ctrl-C the process ends at once (`os._exit`): a library's worker thread caught mid-task (a loader's thread
+    pool) would otherwise hold the interpreter's shutdown. Outputs are already cleaned up by then (temporaries are
+    removed where the interrupt unwinds through the writers), and the streams are flushed first."""
     try:
         code = main()
     except KeyboardInterrupt:
         print("prunekit: interrupted; nothing was written", file=sys.stderr)
         code = 130
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
