@@ -134,3 +134,14 @@ def test_the_record_counts_macs_always_and_times_on_request():
     # zeros are still multiplied: masking removes no MACs, and nothing was timed
     assert masked["metrics"]["speed"]["macs"]["removed_fraction"] == 0
     assert masked["metrics"]["speed"]["not_faster"] is None
+
+
+@pytest.mark.parametrize("options", [dict(units=("heads",)), dict(speed=True), dict(reconstruct=True)])
+def test_options_of_hugging_face_models_are_refused_for_traced_ones(options):
+    from prunekit.nets import build_net
+
+    net = build_net("resnet-small", seed=0)
+    before = weights_sha256(net)
+    with pytest.raises(PrunekitError, match="apply to Hugging Face models") as error:
+        prunekit.prune_structure(net, torch.randn(1, 1, 28, 28), remove=0.3, progress=False, **options)
+    assert "\n" not in str(error.value) and weights_sha256(net) == before

@@ -477,7 +477,7 @@ def prune_structure(
 # prune_structure's options that only Hugging Face models take, with their defaults
 _TRANSFORMER_ONLY = {"units": UNIT_KINDS, "bias_compensation": None, "reconstruct": None,
                      "calibration_samples": 32, "calibration_seq_len": 512, "batch_size": 8, "evaluation": None,
-                     "eval_seq_len": 512, "eval_windows": 64, "model_source": None}
+                     "eval_seq_len": 512, "eval_windows": 64, "model_source": None, "speed": False}
 
 
 def _prune_traced(model: nn.Module, example_inputs, options: dict) -> dict | tuple[dict, dict[str, torch.Tensor]]:
