@@ -54,14 +54,18 @@ NEW_TOKENS = 16
 PREFILL_BATCH = 16
 
 
-def _configs() -> list[str]:
+def _interleaved(budgets, ours_methods, theirs_methods) -> list[str]:
     """Dense, then per budget the two libraries' runs interleaved."""
     runs = ["dense"]
-    for budget in BUDGETS:
-        ours = [f"prunekit:{m}:{budget}" for m in PRUNEKIT_METHODS]
-        theirs = [f"tp:{m}:{budget}" for m in TP_METHODS]
+    for budget in budgets:
+        ours = [f"prunekit:{m}:{budget}" for m in ours_methods]
+        theirs = [f"tp:{m}:{budget}" for m in theirs_methods]
         runs += [r for pair in zip_longest(ours, theirs) for r in pair if r]
     return runs
+
+
+def _configs() -> list[str]:
+    return _interleaved(BUDGETS, PRUNEKIT_METHODS, TP_METHODS)
 
 
 def _tp_prune(model, method: str, remove: float, calib, batch_size: int) -> dict:
@@ -263,12 +267,7 @@ IMAGE_SIZE = 224
 
 
 def _vision_configs() -> list[str]:
-    runs = ["dense"]
-    for budget in VISION_BUDGETS:
-        ours = [f"prunekit:{m}:{budget}" for m in VISION_PRUNEKIT]
-        theirs = [f"tp:{m}:{budget}" for m in VISION_TP]
-        runs += [r for pair in zip_longest(ours, theirs) for r in pair if r]
-    return runs
+    return _interleaved(VISION_BUDGETS, VISION_PRUNEKIT, VISION_TP)
 
 
 def _crops(count: int, seed: int):

@@ -13,7 +13,7 @@ from prunekit.artifacts import load_pruned, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
 from prunekit.depth import prune_depth
 from prunekit.errors import PrunekitError
-from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
+from prunekit.inputs import calibration_set, check_lengths, compute_device, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
 from prunekit.structure import prune_structure, saved_widths
@@ -24,18 +24,6 @@ from prunekit.weights.scores import magnitude_scores
 
 __all__ = ["ALLOCATIONS", "METHODS", "ONESHOT_ALLOCATIONS", "check_lengths", "check_prune_options", "evaluate", "load",
            "prune", "prune_depth", "prune_structure", "save", "target_weights"]
-
-
-def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return next(model.parameters()).device
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise PrunekitError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PrunekitError(f"device '{device}' was requested but CUDA is not available here")
-    return resolved
 
 
 def evaluate(
@@ -57,7 +45,7 @@ def evaluate(
     block at a time while the model stays where it is. Returns a result record with the protocol card.
     """
     check_lengths(model, eval_seq_len=None if isinstance(data, torch.Tensor) else seq_len, batch_size=batch_size)
-    device = _device(model, device)
+    device = compute_device(model, device)
     with ResourceMonitor() as monitor:
         tokens = evaluation_set(tokenizer, data, seq_len=seq_len, windows=windows)
         metrics = perplexity(model, tokens.ids, batch_size=batch_size, device=device, progress=progress)
@@ -144,7 +132,7 @@ def prune(
         budget.pattern.check_width(weight.shape[1], name)
         if not torch.isfinite(weight).all():
             raise PrunekitError(f"weight '{name}' holds NaN or inf; prunekit will not prune a broken model")
-    compute = _device(model, device)
+    compute = compute_device(model, device)
     activations = torch.device("cpu") if next(model.parameters()).device.type == "cpu" else compute
     options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping)
     needs_calibration = method_spec.statistics is not None or allocation == "owl"

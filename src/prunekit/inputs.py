@@ -74,6 +74,19 @@ def evaluation_set(tokenizer, data, *, seq_len: int, windows: int | None) -> Tok
     return evaluation_windows(tokenizer, data, seq_len=seq_len, max_windows=windows)
 
 
+def compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to compute on: `device` checked (a torch device, CUDA present), or where the model is."""
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise PrunekitError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"device '{device}' was requested but CUDA is not available here")
+    return resolved
+
+
 def model_card(model: nn.Module, source: str | None) -> dict:
     """The model part of the protocol card: where it came from, its class and type, weight hash and size."""
     config = getattr(model, "config", None)

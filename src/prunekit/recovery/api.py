@@ -15,7 +15,7 @@ from torch import nn
 from prunekit.assets import text_asset_names
 from prunekit.corpus import load_texts
 from prunekit.errors import PrunekitError
-from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
+from prunekit.inputs import calibration_set, check_lengths, compute_device, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record, weights_sha256
 from prunekit.recovery.distill import DISTILL_MODES, check_teacher, distillation_loss, layer_pairs
 from prunekit.recovery.loop import Checkpointing, causal_lm_loss, train_causal_lm
@@ -121,18 +121,6 @@ def _text_splits(data, eval_data) -> tuple[object, object, dict]:
         "held_out": f"last {held} of {len(documents)} documents of {data}", "documents": len(documents)}
 
 
-def _device(model: nn.Module, device) -> torch.device:
-    if device is None:
-        return next(model.parameters()).device
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise PrunekitError(f"device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PrunekitError(f"device '{device}' was requested but CUDA is not available here")
-    return resolved
-
-
 def heal(
     model: nn.Module,
     tokenizer=None,
@@ -219,7 +207,7 @@ def heal(
             pairs = layer_pairs(model.config.num_hidden_layers, teacher.config.num_hidden_layers, layer_map)
     elif layer_map is not None:
         raise PrunekitError("layer_map applies to hidden-state distillation; pass distill='logits+hidden' and teacher=")
-    compute = _device(model, device)
+    compute = compute_device(model, device)
 
     train_source, eval_source, split_info = _text_splits(data, eval_data)
     rows = steps * batch_size * accumulation

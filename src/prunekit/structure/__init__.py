@@ -4,14 +4,13 @@ removal with config sync, or masks."""
 
 from prunekit.names import STRUCTURE_ALLOCATIONS, STRUCTURE_METHODS
 from prunekit.structure.api import (
-    MODES,
     check_structure_options,
     describe_structure,
     load_widths,
     prune_structure,
     saved_widths,
 )
-from prunekit.structure.select import UNIT_KINDS
+from prunekit.structure.select import MODES, UNIT_KINDS
 
 __all__ = ["MODES", "STRUCTURE_ALLOCATIONS", "STRUCTURE_METHODS", "UNIT_KINDS", "check_structure_options",
            "describe_structure", "load_widths", "prune_structure", "saved_widths"]

@@ -42,13 +42,12 @@ from prunekit.structure.remove import (
 from prunekit.structure.select import (
     UNIT_KINDS,
     Floors,
+    check_selection_options,
     global_counts,
     kept_indices,
     removable,
     uniform_counts,
 )
-
-MODES = ("remove", "mask")
 
 
 def check_structure_options(method: str, remove: float, allocation: str = "uniform", mode: str = "remove",
@@ -61,12 +60,7 @@ def check_structure_options(method: str, remove: float, allocation: str = "unifo
     if isinstance(remove, bool) or not isinstance(remove, int | float) or not 0 < remove < 1:
         raise PrunekitError(f"remove={remove!r} must be a fraction of the model's parameters in (0, 1)")
     check_allocation(allocation, STRUCTURE_ALLOCATIONS, "structured pruning")
-    if mode not in MODES:
-        raise PrunekitError(f"mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise PrunekitError(f"round_to={round_to!r} must be an integer >= 1 (or None)")
-    if not 0 < min_keep <= 1:
-        raise PrunekitError(f"min_keep={min_keep!r} must be the fraction of each block's units kept, in (0, 1]")
+    check_selection_options(mode, round_to, min_keep, "each block's units")
     if not units or any(u not in UNIT_KINDS for u in units) or len(set(units)) != len(units):
         raise PrunekitError(f"units={units!r} must name some of {', '.join(UNIT_KINDS)}, each once")
     if method == "obs" and reconstruct is False:

@@ -22,11 +22,11 @@ from prunekit.inputs import model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, result_record
 from prunekit.measure.speed import count_macs
 from prunekit.structure.graph import CONVOLUTIONS, TRANSPOSED_CONVOLUTIONS, DependencyGraph, Group
+from prunekit.structure.select import check_selection_options
 from prunekit.targets import target_weights
 
 GRAPH_METHODS = ("l1", "l2", "bn-scale", "taylor", "activation", "random")
 GRAPH_ALLOCATIONS = ("uniform", "global")
-MODES = ("remove", "mask")
 CALIBRATED = ("taylor", "activation")
 ALL_CONVOLUTIONS = CONVOLUTIONS + TRANSPOSED_CONVOLUTIONS
 WEIGHTED = ALL_CONVOLUTIONS + (nn.Linear,)  # the layers whose MACs the weight's size decides
@@ -46,12 +46,7 @@ def _check_options(method: str, remove, remove_macs, allocation: str, round_to, 
         name = "remove" if kind == "parameters" else "remove_macs"
         raise PrunekitError(f"{name}={value!r} must be a fraction of the model's {kind} in (0, 1)")
     check_allocation(allocation, GRAPH_ALLOCATIONS, "graph pruning")
-    if mode not in MODES:
-        raise PrunekitError(f"mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise PrunekitError(f"round_to={round_to!r} must be an integer >= 1 (or None)")
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:
-        raise PrunekitError(f"min_keep={min_keep!r} must be the fraction of each group's channels kept, in (0, 1]")
+    check_selection_options(mode, round_to, min_keep, "each group's channels")
     return kind, float(value)
 
 

@@ -13,10 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prunekit.errors import PrunekitError
 from prunekit.select import fraction_count, top_k_indices
 from prunekit.structure.groups import BlockLayout
 
 UNIT_KINDS = ("heads", "neurons")
+MODES = ("remove", "mask")  # apply a selection by shrinking the tensors, or by zeros and masks
+
+
+def check_selection_options(mode: str, round_to: int | None, min_keep: float, units: str) -> None:
+    """The options that every structured pruner (adapter-declared groups and traced graphs alike) shares: how the
+    selection is applied, the multiple kept counts are rounded to, and the fraction of each group's `units` kept."""
+    if mode not in MODES:
+        raise PrunekitError(f"mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise PrunekitError(f"round_to={round_to!r} must be an integer >= 1 (or None)")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:
+        raise PrunekitError(f"min_keep={min_keep!r} must be the fraction of {units} kept, in (0, 1]")
 
 
 @dataclass(frozen=True)
