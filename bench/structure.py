@@ -54,7 +54,7 @@ NEW_TOKENS = 16
 PREFILL_BATCH = 16
 
 
-def _interleaved(budgets, ours_methods, theirs_methods) -> list[str]:
+def _run_order(budgets, ours_methods, theirs_methods) -> list[str]:
     """Dense, then per budget the two libraries' runs interleaved."""
     runs = ["dense"]
     for budget in budgets:
@@ -65,7 +65,7 @@ def _interleaved(budgets, ours_methods, theirs_methods) -> list[str]:
 
 
 def _configs() -> list[str]:
-    return _interleaved(BUDGETS, PRUNEKIT_METHODS, TP_METHODS)
+    return _run_order(BUDGETS, PRUNEKIT_METHODS, TP_METHODS)
 
 
 def _tp_prune(model, method: str, remove: float, calib, batch_size: int) -> dict:
@@ -267,7 +267,7 @@ IMAGE_SIZE = 224
 
 
 def _vision_configs() -> list[str]:
-    return _interleaved(VISION_BUDGETS, VISION_PRUNEKIT, VISION_TP)
+    return _run_order(VISION_BUDGETS, VISION_PRUNEKIT, VISION_TP)
 
 
 def _crops(count: int, seed: int):
