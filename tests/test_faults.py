@@ -424,8 +424,11 @@ def test_a_save_killed_at_any_point_leaves_all_or_nothing(tmp_path, delay):
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
+    # A runner that starts the tests in the background (CI does) passes SIGINT ignored on to its children, and Python
+    # keeps an ignored SIGINT ignored: give the child the terminal's default, as a user's shell would.
     process = subprocess.Popen([*PRUNEKIT, "prune", "--model", "smollm2-135m", "--sparsity", "0.5", "--out",
-                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, env=env)
+                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(3)
     process.send_signal(signal.SIGINT)
     try:
