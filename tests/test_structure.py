@@ -139,6 +139,29 @@ def test_achieved_reduction_is_within_two_points_of_the_target(allocation, metho
     assert record["metrics"]["removed_fraction"]["target"] == remove
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("remove_macs", [0.15, 0.3])
+def test_a_mac_budget_is_met_and_its_count_equals_the_measured_macs(family, allocation, remove_macs):
+    model = tiny_causal_lm(family, layers=4)
+    record = run(model, remove=None, remove_macs=remove_macs, allocation=allocation)
+    macs = record["metrics"]["macs_removed_fraction"]
+    speed = record["metrics"]["speed"]["macs"]
+    # the allocation's count of the units' MACs is what the FLOP counter measures on the pruned model
+    assert macs["achieved"] == pytest.approx(1 - speed["after"] / speed["before"], abs=1e-12)
+    assert abs(macs["achieved"] - remove_macs) <= 0.02, macs
+    assert record["method"]["remove_macs"] == remove_macs and record["method"]["remove"] is None
+    assert record["metrics"]["config_matches_tensors"] or allocation == "global"
+
+
+def test_a_mac_budget_in_mask_mode_states_the_macs_the_removal_would_save():
+    masked, removed = tiny_causal_lm("llama", layers=4), tiny_causal_lm("llama", layers=4)
+    record_mask, _ = run(masked, mode="mask", remove=None, remove_macs=0.3)
+    record = run(removed, remove=None, remove_macs=0.3)
+    assert record_mask["metrics"]["macs_removed_fraction"] == record["metrics"]["macs_removed_fraction"]
+    torch.testing.assert_close(logits(masked), logits(removed), rtol=1e-4, atol=1e-5)
+
+
 def test_round_to_keeps_multiples_and_global_keeps_the_floor():
     model = tiny_causal_lm("llama", layers=4)
     record = run(model, allocation="global", remove=0.4, round_to=16, units=("neurons",), min_keep=0.25)
@@ -184,6 +207,10 @@ def test_hostile_manifest_widths_are_bad_input(tmp_path, widths):
     ("llama", dict(remove=1.0), "in \\(0, 1\\)"),
     ("llama", dict(remove=0.0), "in \\(0, 1\\)"),
     ("llama", dict(remove=0.95), "at most"),
+    ("llama", dict(remove=None, remove_macs=0.9), "at most .* MACs|MACs .* at most"),
+    ("llama", dict(remove=0.3, remove_macs=0.3), "exactly one budget"),
+    ("llama", dict(remove=None), "exactly one budget"),
+    ("llama", dict(remove=None, remove_macs=1.5), "remove_macs=1.5 must be a fraction of the model's MACs"),
     ("llama", dict(remove=0.3, units=("heads",)), "at most"),
     ("llama", dict(method="taylor"), "unknown"),
     ("llama", dict(round_to=7), "does not divide"),

@@ -23,6 +23,7 @@ from prunekit.structure.groups import (
     block_layout,
     block_layouts,
     head_channels,
+    mac_layouts,
     roles,
     structure_adapter,
 )
@@ -53,12 +54,17 @@ from prunekit.structure.select import (
 def check_structure_options(method: str, remove: float, allocation: str = "uniform", mode: str = "remove",
                             round_to: int | None = None, min_keep: float = 0.1,
                             units: tuple[str, ...] = UNIT_KINDS, bias_compensation: bool | None = None,
-                            reconstruct: bool | None = None) -> None:
+                            reconstruct: bool | None = None, remove_macs: float | None = None) -> None:
     """Validate the model-independent options of `prune_structure`, so that callers can fail before loading."""
     if method not in STRUCTURE_METHODS:
         raise PrunekitError(f"structured method {method!r} is unknown; choose one of {', '.join(STRUCTURE_METHODS)}")
-    if isinstance(remove, bool) or not isinstance(remove, int | float) or not 0 < remove < 1:
-        raise PrunekitError(f"remove={remove!r} must be a fraction of the model's parameters in (0, 1)")
+    if (remove is None) == (remove_macs is None):
+        raise PrunekitError(f"give exactly one budget: remove= (a fraction of the parameters) or remove_macs= (a "
+                            f"fraction of the MACs); got remove={remove!r}, remove_macs={remove_macs!r}")
+    name, value, of = (("remove", remove, "parameters") if remove is not None
+                       else ("remove_macs", remove_macs, "MACs"))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise PrunekitError(f"{name}={value!r} must be a fraction of the model's {of} in (0, 1)")
     check_allocation(allocation, STRUCTURE_ALLOCATIONS, "structured pruning")
     check_selection_options(mode, round_to, min_keep, "each block's units")
     if not units or any(u not in UNIT_KINDS for u in units) or len(set(units)) != len(units):
@@ -323,7 +329,10 @@ def prune_structure(
         default: structured Optimal Brain Surgeon, the units whose removal the re-fitted others compensate best go
         first; see BENCHMARKS.md); for traced models l1, l2 (the default), bn-scale, taylor, activation, random.
     remove: the fraction of the model's parameters (all of them, embeddings included) to remove, in (0, 1).
-    remove_macs, ignore, loss_fn: traced models only (see `prune_graph`).
+    remove_macs: instead of `remove`, the fraction of the MACs of one forward pass to remove (the sequence of the
+        speed record, `metrics["speed"]["seq_len"]` tokens: 128, or fewer if the model's positions end sooner);
+        the LM head and embeddings count but cannot shrink.
+    ignore, loss_fn: traced models only (see `prune_graph`).
     allocation: 'uniform' (every block loses the same fraction of its KV groups and neurons) or 'global' (one
         ranking of all blocks' units, scores standardised per kind across layers as in FLAP).
     units: which kinds go: ('heads', 'neurons') or one of them. A KV group is removed with all its query heads.
@@ -349,16 +358,14 @@ def prune_structure(
 
     if not isinstance(model, PreTrainedModel):
         return _prune_traced(model, inputs, locals())  # every option, by name, as given
-    if remove_macs is not None or loss_fn is not None or tuple(ignore):
-        raise PrunekitError("remove_macs, ignore and loss_fn apply to traced models; a Hugging Face model's budget "
-                            "is remove=, its units are chosen with units=")
+    if loss_fn is not None or tuple(ignore):
+        raise PrunekitError("ignore and loss_fn apply to traced models; a Hugging Face model's units are chosen "
+                            "with units=")
     tokenizer = inputs
     method = method or "obs"
-    if remove is None:
-        raise PrunekitError("remove= is required: the fraction of the model's parameters to remove, in (0, 1)")
     units = tuple(units)
     check_structure_options(method, remove, allocation, mode, round_to, min_keep, units, bias_compensation,
-                            reconstruct)
+                            reconstruct, remove_macs)
     if reconstruct is None:
         reconstruct = method == "obs"
     adapter = structure_adapter(model)
@@ -375,13 +382,21 @@ def prune_structure(
         bias_compensation = False
     kinds = _compensated_kinds(model, adapter, units, bias_compensation)
     before = parameter_counts(model)["total"]
-    target = round(before * remove)
-    # compensation gives every projection of its kinds a bias; those parameters are paid for by removing more units
-    added = missing_bias_parameters(model, adapter, kinds)
-    most = removable(layouts, floors)
+    dense_speed = model_speed(model, timed=False)  # MACs; the timed record, if asked for, comes right before pruning
+    if remove_macs is None:
+        target = round(before * remove)
+        # compensation gives every projection of its kinds a bias, paid for by removing more units
+        added = missing_bias_parameters(model, adapter, kinds)
+        most = removable(layouts, floors)
+        budget = f"remove={remove} asks for {target} of {before} parameters (+{added} compensation biases)"
+        whole = before
+    else:  # the same allocation, with every unit's cost in MACs of the speed record's sequence (biases cost none)
+        whole, added = dense_speed["macs"], 0
+        target = round(whole * remove_macs)
+        most = removable(mac_layouts(layouts, dense_speed["seq_len"]), floors)
+        budget = f"remove_macs={remove_macs} asks for {target} of {whole} MACs per {dense_speed['seq_len']} tokens"
     if target + added > most:
-        raise PrunekitError(f"remove={remove} asks for {target} of {before} parameters (+{added} compensation "
-                            f"biases), but at most {most} ({most / before:.1%}) are removable with units={units} "
+        raise PrunekitError(f"{budget}, but at most {most} ({most / whole:.1%}) are removable with units={units} "
                             f"and min_keep={min_keep}")
     calibrated = method in S.CALIBRATED or reconstruct
     check_lengths(model, calibration_seq_len=calibration_seq_len if calibrated and not isinstance(
@@ -403,7 +418,8 @@ def prune_structure(
         eval_tokens = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
         metrics["dense"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
 
-    dense_speed = model_speed(model, timed=speed)
+    if speed:
+        dense_speed = model_speed(model, timed=True)
     was_training = model.training
     model.eval()
     try:
@@ -415,13 +431,14 @@ def prune_structure(
             if kinds:  # zero biases change no output; the units' costs now include them
                 add_bias_flags(model, adapter, kinds)
                 layouts = block_layouts(model, adapter)
+            costs = layouts if remove_macs is None else mac_layouts(layouts, dense_speed["seq_len"])
             if allocation == "uniform":
-                counts = uniform_counts(layouts, floors, target + added, units, step)
+                counts = uniform_counts(costs, floors, target + added, units, step)
             else:
                 scores = block_scores(method, model, adapter, layouts, stats, seed)
                 heads = S.standardize([h for h, _ in scores])
                 neurons = S.standardize([n for _, n in scores])
-                counts = global_counts(list(zip(heads, neurons, strict=True)), layouts, floors, target + added,
+                counts = global_counts(list(zip(heads, neurons, strict=True)), costs, floors, target + added,
                                        step)
             if reconstruct:
                 plans, masks = prune_sequentially(model, adapter, layouts, counts, method, calib.ids,
@@ -442,6 +459,13 @@ def prune_structure(
                   for lay, (kh, kn) in zip(layouts, counts, strict=True)) - added
     after = parameter_counts(model)
     metrics["removed_fraction"] = {"target": remove, "achieved": removed / before}
+    if remove_macs is not None:
+        # counted from the units removed, so that mode='mask' (whose zeros still cost MACs) states it too; after a
+        # removal it equals the measured count in metrics['speed'] (a test holds the two equal)
+        removed_macs = sum((lay.kv_heads - kh) * lay.head_cost + (lay.neurons - kn) * lay.neuron_cost
+                           for lay, (kh, kn) in zip(costs, counts, strict=True))
+        metrics["macs_removed_fraction"] = {"target": remove_macs, "achieved": removed_macs / dense_speed["macs"],
+                                            "seq_len": dense_speed["seq_len"]}
     metrics["parameters"] = {
         "before": before, "after": after["total"], "nonzero_after": after["nonzero"],
         "removed": removed, "target_removed": target, "compensation_biases_added": added,
@@ -456,7 +480,8 @@ def prune_structure(
     if eval_texts is not None:
         metrics["embedding_fidelity"] = embedding_fidelity(dense_embeddings, sentence_embeddings(
             model, tokenizer, eval_texts["texts"], max_length=eval_seq_len))
-    method_card = {"name": method, "object": "structure", "remove": remove, "allocation": allocation,
+    method_card = {"name": method, "object": "structure", "remove": remove, "remove_macs": remove_macs,
+                   "allocation": allocation,
                    "units": list(units), "round_to": round_to, "min_keep": min_keep, "mode": mode,
                    "bias_compensation": sorted(kinds), "reconstruct": reconstruct, "seed": seed,
                    "batch_size": batch_size}

@@ -15,6 +15,7 @@ The widths are read from each block's tensors, so a model whose blocks already d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ class BlockLayout:
     neurons: int
     head_cost: int  # parameters of one KV group: q, k, v rows, o columns and the row biases
     neuron_cost: int
+    head_weights: int = 0  # the same without biases: multiply-accumulates per token of one KV group's projections
+    neuron_weights: int = 0
 
     @property
     def prunable(self) -> int:
@@ -90,7 +93,19 @@ def block_layout(adapter: Adapter, block: nn.Module, head_dim: int) -> BlockLayo
     head_cost = head_dim * (group * _parameters(q, True) + _parameters(k, True) + _parameters(v, True)
                             + group * _parameters(o, False))
     neuron_cost = sum(_parameters(get(n), True) for n in r.mlp_in) + _parameters(get(r.mlp_out), False)
-    return BlockLayout(kv_heads, group, head_dim, get(r.mlp_out).in_features, head_cost, neuron_cost)
+    head_weights = head_dim * (group * (q.in_features + o.out_features) + k.in_features + v.in_features)
+    neuron_weights = sum(get(n).in_features for n in r.mlp_in) + get(r.mlp_out).out_features
+    return BlockLayout(kv_heads, group, head_dim, get(r.mlp_out).in_features, head_cost, neuron_cost,
+                       head_weights, neuron_weights)
+
+
+def mac_layouts(layouts: list[BlockLayout], seq_len: int) -> list[BlockLayout]:
+    """The layouts with each unit's cost in multiply-accumulates of one `seq_len`-token forward pass instead of
+    parameters, counted as `measure.speed.count_macs` counts them: every projection weight once per token (biases
+    are additions), and per query head the q·kᵀ and attention·v products over the full square, 2·T²·head_dim."""
+    return [dataclasses.replace(lay, head_cost=seq_len * lay.head_weights
+                                + 2 * lay.group_size * seq_len ** 2 * lay.head_dim,
+                                neuron_cost=seq_len * lay.neuron_weights) for lay in layouts]
 
 
 def block_layouts(model: nn.Module, adapter: Adapter) -> list[BlockLayout]:
