@@ -271,32 +271,10 @@ def _vision_configs() -> list[str]:
 
 
 def _crops(count: int, seed: int):
-    """`count` random resized crops (a quarter to all of the area, aspect 3/4 to 4/3, random horizontal flip) of
-    scikit-learn's two sample photographs, 224 × 224, normalised with ImageNet's mean and standard deviation: no
-    ImageNet images exist offline, and agreement with the dense model needs natural images, not labels."""
-    import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_sample_images
+    """`count` augmented crops of scikit-learn's sample photographs (`prunekit.assets.sample_image_crops`)."""
+    from prunekit.assets import sample_image_crops
 
-    photos = [torch.tensor(image).permute(2, 0, 1).float() / 255 for image in load_sample_images().images]
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    g = torch.Generator().manual_seed(seed)
-    crops = []
-    for index in range(count):
-        photo = photos[index % len(photos)]
-        _, height, width = photo.shape
-        area = height * width * (0.25 + 0.75 * torch.rand(1, generator=g).item())
-        aspect = (3 / 4) * (16 / 9) ** torch.rand(1, generator=g).item()  # log-uniform in [3/4, 4/3]
-        h, w = min(height, round((area / aspect) ** 0.5)), min(width, round((area * aspect) ** 0.5))
-        top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-        left = int(torch.randint(0, width - w + 1, (1,), generator=g))
-        crop = F.interpolate(photo[None, :, top:top + h, left:left + w], size=(IMAGE_SIZE, IMAGE_SIZE),
-                             mode="bilinear", align_corners=False)[0]
-        if torch.rand(1, generator=g).item() < 0.5:
-            crop = crop.flip(-1)
-        crops.append((crop - mean) / std)
-    return torch.stack(crops)
+    return sample_image_crops(count, seed, IMAGE_SIZE)
 
 
 def _own_label_loss(model, batch):

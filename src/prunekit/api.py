@@ -9,9 +9,9 @@ from torch import nn
 
 from prunekit.adapters import adapter_for, projection_weight
 from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsities, check_allocation
-from prunekit.artifacts import load_pruned, save_pruned
+from prunekit.artifacts import load_pruned, save_module, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
-from prunekit.depth import prune_depth
+from prunekit.depth import prune_depth, removed_sublayers
 from prunekit.errors import PrunekitError
 from prunekit.inputs import calibration_set, check_lengths, compute_device, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
@@ -208,14 +208,30 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, over
 
     A structurally pruned model whose blocks differ in width keeps its config (which cannot state per-block widths)
     and lists every block's widths in the manifest (`block_widths`): `prunekit.load` rebuilds it from them, while
-    `from_pretrained` refuses its shapes rather than loading it wrongly."""
-    widths = saved_widths(model)
+    `from_pretrained` refuses its shapes rather than loading it wrongly.
+
+    Any other module (a graph-pruned CNN) is written as `model.safetensors` with the geometry of its resizable
+    layers in the manifest (`prunekit.artifacts.modules`); `tokenizer` must then be None."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        if tokenizer is not None:
+            raise PrunekitError(f"a tokenizer is saved with Hugging Face models only; {type(model).__name__} is "
+                                "saved with tokenizer=None")
+        return save_module(model, out_dir, record, overwrite=overwrite)
+    sublayers = removed_sublayers(model)
+    if sublayers:  # attention or MLP sublayers removed by prune_depth: `prunekit.load` removes them again
+        record = {**record, "removed_sublayers": sublayers}
+    widths = None if sublayers else saved_widths(model)
     if widths is not None:
         record = {**record, "block_widths": widths}
     return save_pruned(model, tokenizer, out_dir, record, overwrite=overwrite)
 
 
-def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a directory written by `save`: (model, tokenizer, record). Nothing is unpickled."""
-    return load_pruned(path, dtype=dtype, device=device)
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu", model: nn.Module | None = None):
+    """Load a directory written by `save`: (model, tokenizer, record). Nothing is unpickled.
+
+    A prunekit network (`prunekit.nets`) is rebuilt by name; a network of your own class needs `model=`, a freshly
+    built dense instance, which is reshaped to the saved geometry and returned."""
+    return load_pruned(path, dtype=dtype, device=device, model=model)
 

@@ -66,19 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="prunekit", description="Prune neural networks and measure the result.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("prune", help="prune a causal LM's weights, structures (heads, neurons) or blocks; saved as "
-                         "a Hugging Face directory")
+    p = verbs.add_parser("prune", help="prune a causal LM's weights, structures (heads, neurons) or blocks, saved as "
+                         "a Hugging Face directory; or the channels of a prunekit network (mobilenet-v2, ...)")
     _common(p)
-    p.add_argument("--method", default="wanda",
+    p.add_argument("--method", default=None,
                    help=f"weights: {', '.join(names.ONESHOT_METHODS)} (default: wanda); structures: "
-                        f"{', '.join(names.STRUCTURE_METHODS)}; blocks: {', '.join(names.DEPTH_METHODS)}")
+                        f"{', '.join(names.STRUCTURE_METHODS)}; blocks: {', '.join(names.DEPTH_METHODS)}; networks "
+                        f"({', '.join(NETS_FOR_GRAPH)}): l1, l2, bn-scale, taylor, activation, random (default: "
+                        f"taylor, on 32 inputs)")
     p.add_argument("--object", choices=OBJECTS, default=None,
                    help="what is pruned (default: told by the method and budget; needed for 'random' with --remove)")
     p.add_argument("--sparsity", type=float, default=None, help="weights: fraction removed, in [0, 1)")
     p.add_argument("--pattern", default=None, help="weights: 'unstructured' (default) or N:M, e.g. 2:4")
     p.add_argument("--remove", type=float, default=None,
                    help="structures or blocks: fraction of all the model's parameters removed, in (0, 1)")
-    p.add_argument("--blocks", type=count(1), default=None, help="blocks: number of transformer blocks removed")
+    p.add_argument("--remove-macs", type=float, default=None,
+                   help="structures and networks: fraction of the multiply-accumulates of one forward pass removed, "
+                        "in (0, 1), instead of --remove")
+    p.add_argument("--blocks", type=count(1), default=None,
+                   help="blocks: number of transformer blocks (or sublayers, with --unit) removed")
+    p.add_argument("--unit", choices=names.DEPTH_UNITS, default=None,
+                   help="blocks: remove whole blocks (default), or only their attention or mlp sublayers")
+    p.add_argument("--merge", action="store_true", default=None,
+                   help="blocks: fold each run of chosen blocks into the block before it (LaCo) instead of deleting")
     p.add_argument("--units", default=None,
                    help="structures: heads, neurons, or heads,neurons (default); a KV head goes with its query heads")
     p.add_argument("--round-to", type=count(1), default=None, help="structures: kept neuron counts a multiple of it")
@@ -176,7 +186,8 @@ def _graph(args: argparse.Namespace) -> dict:
 OBJECTS = ("weights", "structures", "blocks")
 # Options that apply to one object only; giving one for another object is refused, never silently ignored.
 _OPTIONS_OF = {"weights": ("sparsity", "pattern"),
-               "structures": ("remove", "units", "round_to", "reconstruct", "speed"), "blocks": ("remove", "blocks")}
+               "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed"),
+               "blocks": ("remove", "blocks", "unit", "merge")}
 
 
 def _prune_object(args: argparse.Namespace) -> str:
@@ -214,6 +225,70 @@ def _units(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+# the options `prunekit prune` takes for a traced network; any other given for one is refused, never ignored
+_NET_OPTIONS = ("verb", "model", "method", "object", "remove", "remove_macs", "allocation", "round_to", "seed",
+                "speed", "threads", "json", "quiet", "out", "overwrite")
+AGREEMENT_IMAGES = 64
+
+
+def _prune_net(args: argparse.Namespace, progress: bool) -> dict:
+    """`prunekit prune` of a prunekit network: `prune_structure` through its traced graph on an example input of
+    the network's shape, MACs (and latency) before and after, for mobilenet-v2 the top-1 agreement with the dense
+    model on crops of natural photographs; saved with the geometry of its layers (`prunekit.load` rebuilds it)."""
+    import copy
+
+    import torch
+
+    from prunekit import api, nets
+    from prunekit.assets import sample_image_crops
+    from prunekit.measure import latency, speed_record
+
+    defaults = vars(build_parser().parse_args(["prune", "--model", args.model, "--out", args.out]))
+    for option, value in vars(args).items():
+        if option not in _NET_OPTIONS and value != defaults.get(option):
+            raise PrunekitError(f"--{option.replace('_', '-')} applies to language models; {args.model} is pruned "
+                                "through its traced graph with --method, --remove or --remove-macs, --allocation, "
+                                "--round-to, --seed and --speed")
+    if args.object not in (None, "structures"):
+        raise PrunekitError(f"a network's channels are structures; --object {args.object} does not apply to "
+                            f"{args.model}")
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    shape = NETS_FOR_GRAPH[args.model]
+    if args.model == "mobilenet-v2":
+        model, weights = nets.mobilenet_v2_imagenet(), "ImageNet-1k (torchvision's checkpoint)"
+        images = sample_image_crops(AGREEMENT_IMAGES, seed=0)
+        calibration = list(sample_image_crops(32, seed=1).split(8))
+        calibration_source = "32 crops of scikit-learn's sample photographs (seed 1)"
+    else:
+        model, weights = nets.build_net(args.model, seed=0).eval(), "untrained: random initialisation, seed 0"
+        images = None
+        calibration = list(torch.rand((32, *shape[1:]), generator=torch.Generator().manual_seed(1)).split(8))
+        calibration_source = "32 uniform random inputs in [0, 1) (seed 1)"
+    example = calibration[0][:1]
+    dense = copy.deepcopy(model)
+    record = api.prune_structure(model, example, method=args.method or "taylor", remove=args.remove,
+                                 remove_macs=args.remove_macs, allocation=args.allocation, round_to=args.round_to,
+                                 seed=args.seed, calibration=calibration, progress=progress)
+    record["model"].update(source=args.model, weights=weights)
+    if record["calibration"] is not None:  # only the calibrated methods (taylor, activation) used it
+        record["calibration"]["source"] = calibration_source
+    metrics = record["metrics"]
+    speeds = [{"macs": metrics["macs"]["before"]}, {"macs": metrics["macs"]["after"]}]
+    if args.speed is not False:
+        for entry, net in zip(speeds, (dense, model), strict=True):
+            entry["latency"] = latency(net, example, batch_sizes=(1, 16), warmup=2, repeats=7)
+    metrics["speed"] = {**speed_record(*speeds), "per": "image"}
+    if images is not None:
+        with torch.inference_mode():
+            agree = torch.cat([(dense(batch).argmax(1) == model(batch).argmax(1)) for batch in images.split(16)])
+        metrics["top1_agreement"] = {"agreement": agree.float().mean().item(), "images": len(images),
+                                     "source": "crops of scikit-learn's sample photographs (seed 0)"}
+    api.save(model, None, out, record, overwrite=args.overwrite)
+    record["output"] = str(out)
+    return record
+
+
 def _local_path(source) -> str | None:
     """`source` if it names something on disk (a model directory, a text file), else None (an asset name)."""
     return source if source is not None and Path(source).exists() else None
@@ -234,7 +309,10 @@ def _run(args: argparse.Namespace) -> dict:
     progress = not args.quiet
     if not progress:
         transformers.utils.logging.disable_progress_bar()
+    if args.verb == "prune" and args.model in NETS_FOR_GRAPH:
+        return _prune_net(args, progress)
     if args.verb == "prune":
+        args.method = args.method or "wanda"
         out = Path(args.out)
         encoder = is_encoder(args.model)
         # an encoder is calibrated on short texts and judged by its embeddings of held-out news, not perplexity
@@ -254,9 +332,11 @@ def _run(args: argparse.Namespace) -> dict:
         elif kind == "structures":
             units = _units(args.units)
             check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
-                                    reconstruct=args.reconstruct, **({"units": units} if units is not None else {}))
+                                    reconstruct=args.reconstruct, remove_macs=args.remove_macs,
+                                    **({"units": units} if units is not None else {}))
         else:
-            check_depth_options(args.method, args.blocks, args.remove)
+            check_depth_options(args.method, args.blocks, args.remove, unit=args.unit or "block",
+                                merge=bool(args.merge))
         if encoder and kind != "structures":
             raise PrunekitError(f"{args.model} is an encoder: prunekit prunes its structures (--remove with "
                                 f"{', '.join(names.STRUCTURE_METHODS)}), not its {kind}")
@@ -273,12 +353,14 @@ def _run(args: argparse.Namespace) -> dict:
                       batch_size=args.batch_size, progress=progress, model_source=args.model)
         if kind == "structures":
             record = api.prune_structure(loaded.model, loaded.tokenizer, method=args.method, remove=args.remove,
+                                         remove_macs=args.remove_macs,
                                          allocation=args.allocation, round_to=args.round_to,
                                          reconstruct=args.reconstruct, speed=args.speed is not False,
                                          **({"units": units} if units is not None else {}), **common)
         elif kind == "blocks":
             record = api.prune_depth(loaded.model, loaded.tokenizer, method=args.method, blocks=args.blocks,
-                                     remove=args.remove, **common)
+                                     remove=args.remove, unit=args.unit or "block", merge=bool(args.merge),
+                                     **common)
         else:
             record = api.prune(
                 loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
@@ -308,9 +390,14 @@ def _budget_lines(metrics: dict, method: dict) -> list[str]:
     lines = [f"method     {method['name']}{allocation}",
              f"removed    {target}achieved {fraction['achieved']:.4f} of the parameters "
              f"({parameters['before']:,} -> {parameters['after']:,})"]
+    macs = metrics.get("macs_removed_fraction")
+    if macs and macs["target"] is not None:
+        lines.append(f"MAC budget target {macs['target']:.4f}, achieved {macs['achieved']:.4f} of the MACs")
     if "removed_blocks" in metrics:
         lines.append(f"blocks     removed {metrics['removed_blocks']} ({metrics['blocks']['before']} -> "
                      f"{metrics['blocks']['after']})")
+    if metrics.get("removed_sublayers"):
+        lines.append(f"sublayers  removed {metrics['removed_sublayers']}")
     return lines
 
 
@@ -319,7 +406,8 @@ def _speed_lines(speed: dict | None) -> list[str]:
     if not speed:
         return []
     macs = speed["macs"]
-    lines = [f"MACs       {macs['before']:,} -> {macs['after']:,} per sequence ({macs['removed_fraction']:.1%} "
+    lines = [f"MACs       {macs['before']:,} -> {macs['after']:,} per {speed.get('per', 'sequence')} "
+             f"({macs['removed_fraction']:.1%} "
              f"removed; ideal speedup {speed['ideal_speedup']:.2f}x)"]
     if "latency" in speed:
         timings = ", ".join(f"batch {size} {entry['before']:.1f} -> {entry['after']:.1f} ms ({entry['speedup']:.2f}x)"
@@ -333,12 +421,18 @@ def _speed_lines(speed: dict | None) -> list[str]:
 def _summary(record: dict) -> str:
     metrics, method = record["metrics"], record["method"]
     lines = [f"model      {record['model']['source']} ({record['model']['parameters']:,} parameters)"]
+    if "weights" in record["model"]:
+        lines.append(f"weights    {record['model']['weights']}")
     if method["name"] != "none":
         lines += _budget_lines(metrics, method)
         prune_res = record["resources"]["prune"]
         lines.append(f"pruning    {prune_res['wall_s']:.1f} s, peak memory {prune_res['peak_rss_mb']:.0f} MB")
         evaluation = record.get("evaluation")
         lines += _speed_lines(metrics.get("speed"))
+        if "top1_agreement" in metrics:
+            agreement = metrics["top1_agreement"]
+            lines.append(f"agreement  top-1 with the dense model {agreement['agreement']:.4f} on "
+                         f"{agreement['images']} {agreement['source']}")
         if evaluation and "embedding_fidelity" in metrics:
             fidelity = metrics["embedding_fidelity"]
             lines.append(f"embeddings mean cosine to dense {fidelity['mean_cosine']:.4f} (min "

@@ -9,7 +9,8 @@ ONESHOT_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
 # Structured width pruning (`prunekit.prune_structure`) and depth pruning (`prunekit.prune_depth`).
 STRUCTURE_METHODS = ("l1", "l2", "random", "activation", "wanda-sp", "flap", "obs")
 STRUCTURE_ALLOCATIONS = ("uniform", "global")
-DEPTH_METHODS = ("angular", "block-influence", "sleb", "reverse", "random")
+DEPTH_METHODS = ("angular", "block-influence", "sleb", "taylor", "perplexity", "reverse", "random")
+DEPTH_UNITS = ("block", "attention", "mlp")
 # Every allocation (`prunekit.allocation`); one-shot pruning gives each block one sparsity and uses the allocations
 # that differ between blocks of a transformer (ERK/ER depend only on shapes, equal in every block).
 ALLOCATIONS = ("uniform", "global", "global-min", "lamp", "erk", "er", "owl")

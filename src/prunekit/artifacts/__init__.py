@@ -1,4 +1,5 @@
-"""Pruned-model artifacts: the Hugging Face layout plus the `prunekit.json` record, written atomically.
+"""Pruned-model artifacts: the Hugging Face layout (or, for other networks, safetensors and module geometry) plus
+the `prunekit.json` record, written atomically.
 
 `prunekit.artifacts.files` (path safety, safetensors checks) is standard library only; the savers and loaders of
 `prunekit.artifacts.io` import torch and transformers, so they are loaded on first use.
@@ -7,4 +8,5 @@
 from prunekit._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
-    "prunekit.artifacts", {"prunekit.artifacts.io": "MANIFEST atomic_directory load_pruned save_pruned"})
+    "prunekit.artifacts", {"prunekit.artifacts.io": "MANIFEST atomic_directory load_pruned save_pruned",
+                           "prunekit.artifacts.modules": "load_module save_module"})

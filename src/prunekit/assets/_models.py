@@ -182,9 +182,9 @@ def _load(path: Path, source: str, dtype: torch.dtype, device: str | torch.devic
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         manifest = path / MANIFEST
-        widths = read_json_file(manifest, limit=MANIFEST_LIMIT, what="manifest").get("block_widths") \
-            if manifest.is_file() else None
-        model = load_causal_lm_dir(path, dtype=dtype, block_widths=widths)
+        record = read_json_file(manifest, limit=MANIFEST_LIMIT, what="manifest") if manifest.is_file() else {}
+        model = load_causal_lm_dir(path, dtype=dtype, block_widths=record.get("block_widths"),
+                                   removed_sublayers=record.get("removed_sublayers"))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         # The directory passed every check that can be made without loading: its content is inconsistent.
         raise PrunekitError(f"model directory '{path}' could not be loaded: {str(error).splitlines()[0]}") from None

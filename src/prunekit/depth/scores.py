@@ -66,20 +66,23 @@ def random_blocks(num_blocks: int, n: int, seed: int) -> list[int]:
 
 
 def sleb_greedy(num_blocks: int, n: int, perplexity_without: Callable[[list[int]], float],
-                ) -> tuple[list[int], list[list[float | None]]]:
+                candidates: list[int] | None = None) -> tuple[list[int], list[list[float | None]]]:
     """SLEB (Song et al. 2024, algorithm 1): remove one block at a time, each time the block whose removal (beside
     those already removed) gives the lowest calibration perplexity, re-scoring every remaining block after each
     removal. `perplexity_without(removed)` is the calibration perplexity with the blocks `removed` skipped.
 
-    Returns the removed blocks in removal order and, per step, every block's perplexity (None: removed before).
-    Ties go to the lower index.
+    Only `candidates` (default: every block) are scored and removed. Returns the removed blocks in removal order
+    and, per step, every block's perplexity (None: removed before, or not a candidate). Ties go to the lower index.
     """
+    allowed = set(range(num_blocks) if candidates is None else candidates)
+    if n > len(allowed):
+        raise PrunekitError(f"cannot remove {n} of the {len(allowed)} candidate blocks; remove at most {len(allowed)}")
     removed: list[int] = []
     steps: list[list[float | None]] = []
     for _ in range(n):
-        step = [None if b in removed else perplexity_without(sorted([*removed, b])) for b in range(num_blocks)]
-        candidates = [b for b in range(num_blocks) if b not in removed]
-        best = min(candidates, key=lambda b: (step[b], b))
+        step = [perplexity_without(sorted([*removed, b])) if b in allowed and b not in removed else None
+                for b in range(num_blocks)]
+        best = min((b for b in allowed if b not in removed), key=lambda b: (step[b], b))
         removed.append(best)
         steps.append(step)
     return removed, steps
