@@ -379,3 +379,21 @@ def test_cli_removes_sublayers_or_merges_blocks_of_a_local_model(tmp_path, capsy
     if "--merge" in options:  # blocks 5 and 6 were folded into block 4, which changed
         assert record["metrics"]["merged_into"] == [{"into": 4, "run": [5, 6]}]
         assert not torch.equal(_blocks(model)[4].mlp.up_proj.weight, _blocks(dense)[4].mlp.up_proj.weight)
+
+
+def test_a_model_with_removed_sublayers_can_be_sparsified_and_healed_but_not_narrowed():
+    model = tiny_causal_lm("llama", layers=4)
+    prunekit.prune_depth(model, None, method="reverse", blocks=1, unit="mlp", progress=False)
+    gone = removed_sublayers(model)["mlp"]
+    adapter = adapter_for(model)
+    assert all(not name.startswith("mlp.") for name in adapter.projections(adapter.block_list(model)[gone[0]]))
+    record = prunekit.prune(model, None, method="wanda", sparsity=0.5, calibration=IDS, progress=False)
+    assert record["metrics"]["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)  # of the weights still there
+    before = weights_sha256(model)
+    with pytest.raises(PrunekitError, match="sublayers removed by depth pruning") as error:
+        prunekit.prune_structure(model, None, method="l2", remove=0.2, progress=False)
+    assert "\n" not in str(error.value) and weights_sha256(model) == before
+    rows = IDS[:, :WINDOW]
+    healed = prunekit.heal(model, None, method="lora", tokens=rows.numel(), seq_len=WINDOW, batch_size=len(rows),
+                           data=rows, eval_data=rows[:1], progress=False)
+    assert healed["metrics"]["sparsity"]["after"] == healed["metrics"]["sparsity"]["before"]

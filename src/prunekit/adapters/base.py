@@ -67,8 +67,11 @@ class Adapter:
         return next(name for name, module in model.named_modules() if module is blocks)
 
     def projections(self, block: nn.Module) -> dict[str, nn.Module]:
-        """The prunable projections of one block, by their name inside the block, in forward order."""
-        return {name: block.get_submodule(name) for name in (*self.attention, *self.mlp)}
+        """The prunable projections of one block, by their name inside the block, in forward order. A sublayer
+        that depth pruning removed (a stand-in marked `removed_sublayer`) has none."""
+        gone = {name for name, module in block.named_children() if getattr(module, "removed_sublayer", False)}
+        return {name: block.get_submodule(name) for name in (*self.attention, *self.mlp)
+                if name.partition(".")[0] not in gone}
 
     def head_layout(self, config) -> dict[str, int]:
         """Heads, key/value heads and head width of a model's config (what coupled head pruning must respect)."""

@@ -33,6 +33,8 @@ class RemovedAttention(nn.Module):
     a padded batch by the tokens held in the cache of the first layer of each attention type, which may be this
     one (Qwen 2's first sliding layer, say)."""
 
+    removed_sublayer = True  # adapters list no projections here (`Adapter.projections`)
+
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # renumbered by remove_blocks like any attention's
@@ -47,6 +49,8 @@ class RemovedAttention(nn.Module):
 
 class RemovedMLP(nn.Module):
     """Stands where a removed MLP sublayer was: no parameters, output zero."""
+
+    removed_sublayer = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden_states)

@@ -80,7 +80,9 @@ def lora_module_names(model: nn.Module, roles: tuple[str, ...] = LORA_ROLES) -> 
                             f"(model_type {model_type!r}) has none: heal it with method 'full' or 'perp'")
     prefix = adapter.block_prefix(model)
     names = [*(adapter.attention if "attention" in roles else ()), *(adapter.mlp if "mlp" in roles else ())]
-    return [f"{prefix}.{i}.{name}" for i in range(len(adapter.block_list(model))) for name in names]
+    # a sublayer that depth pruning removed has no projections to adapt (`Adapter.projections` leaves it out)
+    return [f"{prefix}.{i}.{name}" for i, block in enumerate(adapter.block_list(model))
+            for name in names if name in adapter.projections(block)]
 
 
 def add_lora(model: nn.Module, modules: list[str], *, rank: int, alpha: float):

@@ -109,6 +109,12 @@ def mac_layouts(layouts: list[BlockLayout], seq_len: int) -> list[BlockLayout]:
 
 
 def block_layouts(model: nn.Module, adapter: Adapter) -> list[BlockLayout]:
+    blocks = adapter.block_list(model)
+    hollow = [i for i, block in enumerate(blocks)
+              if any(getattr(module, "removed_sublayer", False) for module in block.children())]
+    if hollow:
+        raise PrunekitError(f"blocks {hollow} have attention or MLP sublayers removed by depth pruning; structured "
+                            "pruning needs every block whole, so remove structures first, then sublayers")
     head_dim = adapter.head_layout(model.config)["head_dim"]
     return [block_layout(adapter, block, head_dim) for block in adapter.block_list(model)]
 
