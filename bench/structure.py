@@ -41,6 +41,9 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tables import place  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODEL = "smollm2-135m"
@@ -226,19 +229,6 @@ def _table(rows: list[dict]) -> str:
             f"{s['prefill']['speedup']:.2f} | {s['prefill']['speedup'] / s['ideal_speedup']:.0%} | "
             f"{'no' if s['not_faster'] else 'yes'} | {row['prune_s']:.0f} |")
     return "\n".join(lines)
-
-
-def _write_benchmarks(name: str, block_text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{block_text}\n{end}"
-    text = path.read_text(encoding="utf-8")
-    heading = "## Structured pruning that makes models faster (issue 9)"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + ("" if heading in text else f"\n\n{heading}") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def _llm_meta(args: argparse.Namespace, rows: list[dict]) -> str:
@@ -461,7 +451,7 @@ def _run_section(name: str, args: argparse.Namespace) -> None:
         return
     meta = section.meta(args, rows)
     (RESULTS / f"{stem}.md").write_text(f"{meta}\n\n{table}\n", encoding="utf-8")
-    _write_benchmarks(stem, f"{meta}\n\n{table}")
+    place(stem, f"{meta}\n\n{table}", "## Structured pruning that makes models faster (issue 9)")
 
 
 def main() -> None:

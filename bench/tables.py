@@ -15,6 +15,20 @@ RESULTS = ROOT / "bench" / "results"
 TABLES = ("data_fmnist", "infobatch", "data_text", "data_throughput", "training", "training.overhead", "startup")
 
 
+def place(name: str, text: str, heading: str) -> None:
+    """Put `text` between the markers of `name` in BENCHMARKS.md, or append it under `heading` (a Markdown heading
+    line) with new markers if the file has none yet."""
+    path = ROOT / "BENCHMARKS.md"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    current = path.read_text(encoding="utf-8")
+    if begin in current:
+        current = current[: current.index(begin)] + block + current[current.index(end) + len(end):]
+    else:
+        current = current.rstrip() + ("" if heading in current else f"\n\n{heading}") + "\n\n" + block + "\n"
+    path.write_text(current, encoding="utf-8")
+
+
 def main() -> int:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text(encoding="utf-8")
