@@ -12,8 +12,8 @@ with a dense copy in the same process: greedy generation tokens/s at batch 1 wit
 tokens/s at batch 16.
 
 Healing (`--heal`): LoRA (rank 8, on every projection; `prunekit.heal`) on `--heal-tokens` tokens of the train
-split for the best informed method and for reverse order at each budget, perplexity before and after on the same
-windows.
+split for the best informed method and for reverse order at each budget of `--heal-blocks`, perplexity before and
+after on the same windows.
 
     .venv/bin/python bench/depth.py             # scores, perplexities, speed (about 2 hours on 2 idle cores)
     .venv/bin/python bench/depth.py --heal      # then healing of the rows written by the first run
@@ -206,7 +206,7 @@ def run_heal(bench: Bench) -> None:
     from prunekit.recovery import heal
 
     rows = _rows()
-    for blocks in BUDGETS:
+    for blocks in bench.args.heal_blocks:
         best = _best_informed(rows, blocks)
         reverse = next(r for r in rows if r["kind"] == "depth" and r["blocks"] == blocks and r["method"] == "reverse")
         for source in (best, reverse):
@@ -347,6 +347,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--heal", action="store_true", help="heal the best informed and the reverse-order model")
     parser.add_argument("--heal-tokens", type=int, default=65_536)
+    parser.add_argument("--heal-blocks", type=int, nargs="+", choices=BUDGETS, default=list(BUDGETS),
+                        help="the budgets whose models are healed")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--table", action="store_true", help="only rebuild tables and plot from the JSON lines")
     args = parser.parse_args()
