@@ -186,3 +186,65 @@ def mobilenet_v2_imagenet() -> MobileNetV2:
     model = MobileNetV2()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; `bias` (B, T) is added to every query's logits
+    (padding or the log-size bias of token merging)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise PrunekitError(f"ViT width {dim} is not a multiple of the head count {heads}")
+        self.heads = heads
+        self.scaling = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class ViTBlock(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)) (Dosovitskiy et al. 2021)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ViTAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """A small ViT for 28×28 grey-scale images: non-overlapping patches (4 or 7 pixels: 49 or 16 tokens) plus a
+    CLS token with learned position embeddings, `depth` pre-norm blocks, and a linear head on the final CLS token.
+    Its tokens are what `prunekit.tokens` merges or prunes."""
+
+    def __init__(self, patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2,
+                 num_classes: int = 10, image_size: int = 28, in_channels: int = 1):
+        super().__init__()
+        if patch < 1 or image_size % patch:
+            raise PrunekitError(f"patch size {patch} does not tile {image_size}-pixel images; use a divisor "
+                                f"such as 4 or 7")
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + (image_size // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
