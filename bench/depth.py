@@ -259,7 +259,15 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
         seconds = f"{at6['prune_s']:.0f}" + ("†" if at6 and "prune_s_note" in at6 else "") if at6 else "—"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {removed} | {seconds} |")
     text = "\n".join(lines)
+    from prunekit.depth import DEPTH_METHODS
+
+    missing = [m for m in DEPTH_METHODS if m not in methods]
+    gaps = sum(1 for m in methods for b in BUDGETS if not any(r["method"] == m and r["blocks"] == b for r in depth))
     speed = [r for r in rows if r["kind"] == "speed"]
+    if missing or gaps or not speed:
+        text += (f"\n\nThis run was cut short: {gaps} cells (—), the methods {', '.join(missing) or 'none'}"
+                 f"{'' if speed else ' and the speed rows'} are not measured yet; `bench/depth.py` resumes from the "
+                 "JSON lines.")
     if speed:
         text += ("\n\nSpeed by blocks removed (any method; measured on the reverse-order model in turns with a dense "
                  "copy, medians of the rounds):\n\n| n | params removed | generation tok/s b=1 (dense → pruned) | "
