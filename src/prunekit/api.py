@@ -90,6 +90,8 @@ def prune(
     owl_limit: float = 0.08,
     blocksize: int = 128,
     damping: float = 0.01,
+    admm_rho: float = 1.0,
+    admm_iterations: int = 20,
     evaluation=None,
     eval_seq_len: int = 512,
     eval_windows: int | None = 64,
@@ -101,7 +103,9 @@ def prune(
 ) -> dict | tuple[dict, dict[str, torch.Tensor]]:
     """Prune the weights of a causal LM in place, one transformer block at a time, and return the result record.
 
-    method: magnitude, random, wanda or sparsegpt.
+    method: one of `prunekit.names.ONESHOT_METHODS`: magnitude, random, wanda, ria, sparsegpt, admm, or a scored
+        method followed by the ADMM weight update ('wanda+admm'); `admm_rho` and `admm_iterations` set ADMM's
+        penalty and number of iterations.
     sparsity: fraction of each targeted weight matrix set to zero, in [0, 1). With an N:M `pattern` it may be
         omitted (it is 1 - N/M).
     pattern: 'unstructured' (default) or 'N:M' (keep N of every M consecutive weights along the input dimension).
@@ -134,7 +138,8 @@ def prune(
             raise PrunekitError(f"weight '{name}' holds NaN or inf; prunekit will not prune a broken model")
     compute = compute_device(model, device)
     activations = torch.device("cpu") if next(model.parameters()).device.type == "cpu" else compute
-    options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping)
+    options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping, admm_rho=admm_rho,
+                           admm_iterations=admm_iterations)
     needs_calibration = method_spec.statistics is not None or allocation == "owl"
     calib = None
     if needs_calibration:

@@ -5,7 +5,8 @@ modules that implement them (`prunekit.api`, `prunekit.structure`, `prunekit.dep
 names, and tests/test_names.py checks that each registry and its names agree.
 """
 
-ONESHOT_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+ONESHOT_METHODS = ("magnitude", "random", "wanda", "ria", "sparsegpt", "admm", "magnitude+admm", "wanda+admm",
+                   "ria+admm")
 # Structured width pruning (`prunekit.prune_structure`) and depth pruning (`prunekit.prune_depth`).
 STRUCTURE_METHODS = ("l1", "l2", "random", "activation", "wanda-sp", "flap", "obs")
 STRUCTURE_ALLOCATIONS = ("uniform", "global")

@@ -25,3 +25,14 @@ def random_scores(weight: torch.Tensor, generator: torch.Generator) -> torch.Ten
     """Uniform random scores: the baseline every method must beat."""
     return torch.rand(weight.shape, generator=generator, device=generator.device)
 
+
+
+def ria_scores(weight: torch.Tensor, input_norms: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """Relative importance and activations (RIA, Zhang et al. 2024, Eq. 1 and 3): (|W_ij| / sum_k |W_kj| +
+    |W_ij| / sum_k |W_ik|) * ||X_j||_2^power, each weight's share of its input column's and of its output row's
+    absolute sum, times the input feature's norm to the power a = 0.5 (the paper's choice)."""
+    magnitude = magnitude_scores(weight)
+    # an all-zero row or column has shares 0/0: its weights score 0
+    column_share = magnitude / magnitude.sum(0, keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
+    row_share = magnitude / magnitude.sum(1, keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
+    return (column_share + row_share) * input_norms.float().pow(power).unsqueeze(0)

@@ -1,0 +1,151 @@
+"""ADMM weight update for a pruned layer, and its gradual mask selection.
+
+Boža, "Fast and Effective Weight Update for Pruned Large Language Models" (TMLR 2024). For a weight W ([out, in])
+and its calibration inputs X, find Ŵ, zero outside the keep-mask M, minimising ||XWᵀ - XŴᵀ||² (rows are independent,
+each a least-squares problem with Hessian H = XᵀX). ADMM splits the variable into an unconstrained W and a
+mask-feasible Z with W = Z, and alternates (Eq. 4 of the paper, with scaled dual U):
+
+    W ← (W₀H + ρ(Z - U)) (H + ρI)⁻¹        the ridge-regularised least squares: one factorisation for all steps
+    Z ← M ⊙ (W + U)                        projection onto the weights the mask keeps
+    U ← U + W - Z                          dual ascent on the constraint W = Z
+
+As in the paper, the problem is solved in a preconditioned space where every input feature has unit norm (W scaled
+by ||X_j||, H by its diagonal), so that one ρ suits every layer and |W + U| there is Wanda's score |W_ij| ||X_j||;
+a small damping (a fraction of H's mean diagonal) is added to H, which keeps the solution close to the dense weights
+along directions the calibration data never visits. The gradual variant (Sec. 3.2) re-selects the mask from |W + U|
+in every one of the first `ramp` iterations, while the sparsity rises to the target on the cubic schedule of Zhu &
+Gupta (2017), and then holds it fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit.budget import Pattern
+from prunekit.errors import PrunekitError
+from prunekit.select import nm_mask, row_mask
+
+
+def check_admm_options(rho: float, iterations: int, ramp: int, damping: float) -> None:
+    """Refuse ADMM settings that cannot run, before anything changes."""
+    if not rho > 0:
+        raise PrunekitError(f"ADMM penalty rho {rho} must be > 0")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise PrunekitError(f"ADMM iterations {iterations!r} must be a whole number >= 0")
+    if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 1:
+        raise PrunekitError(f"ADMM mask ramp {ramp!r} must be a whole number of iterations >= 1")
+    if not 0 <= damping < 1:
+        raise PrunekitError(f"ADMM damping {damping} must be in [0, 1)")
+
+
+class _Preconditioned:
+    """The layer-wise least-squares problem in the unit-feature-norm space, with (H + ρI)⁻¹ from one Cholesky."""
+
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, rho: float, damping: float) -> None:
+        if not torch.isfinite(hessian).all():
+            raise PrunekitError("the calibration Hessian holds NaN or inf: the activations entering the layer are "
+                                "broken")
+        h = hessian.double()
+        diagonal = h.diagonal()
+        self.live = diagonal > 0  # inputs that were never nonzero cannot matter: their weights go first
+        self.scale = torch.where(self.live, diagonal.clamp_min(1e-30).sqrt(), torch.ones_like(diagonal))
+        h = h / self.scale.unsqueeze(0) / self.scale.unsqueeze(1)
+        h[~self.live, ~self.live] = 1.0
+        h.diagonal().add_(damping)  # the mean diagonal is 1 here, so `damping` is its fraction
+        self.weight = weight.double() * self.scale  # W₀ in the preconditioned space
+        self.target = self.weight @ h  # W₀H, fixed through all iterations
+        system = h.clone()
+        system.diagonal().add_(rho)
+        try:
+            factor = torch.linalg.cholesky(system)
+        except torch.linalg.LinAlgError:
+            raise PrunekitError(f"the ADMM system H + {rho} I is not positive definite; the calibration Hessian "
+                                "is broken") from None
+        self.inverse = torch.cholesky_inverse(factor).float()
+        self.target = self.target.float()
+        self.rho = rho
+
+    def scores(self, iterate: torch.Tensor) -> torch.Tensor:
+        """|W + U| in this space: Wanda's |W_ij| ||X_j|| of the iterate (dead inputs score 0)."""
+        return iterate.abs() * self.live.unsqueeze(0)
+
+    def weight_step(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (self.target + self.rho * (z - u)) @ self.inverse
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.double() / self.scale).float()
+
+
+def _iterate(problem: _Preconditioned, mask: torch.Tensor, iterations: int, reselect) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Run ADMM from W = W₀, U = 0; `reselect(step, W + U)` may return a new mask before each projection."""
+    w = problem.weight.float()
+    u = torch.zeros_like(w)
+    for step in range(iterations):
+        chosen = reselect(step, w + u)
+        if chosen is not None:
+            mask = chosen
+        z = (w + u) * mask
+        u += w - z
+        w = problem.weight_step(z, u)
+    return (w + u) * mask, mask
+
+
+def admm_update(
+    weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *, rho: float = 1.0, iterations: int = 20,
+    damping: float = 0.1,
+) -> torch.Tensor:
+    """The weight [out, in], zero outside the keep-`mask`, updated by `iterations` ADMM steps to reconstruct the
+    dense layer's output on the inputs whose Hessian XᵀX is `hessian` [in, in]. Zero iterations is no update:
+    the weight with the removed entries zeroed."""
+    check_admm_options(rho, iterations, 1, damping)
+    if mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise PrunekitError(f"the keep-mask must be a bool tensor of the weight's shape {tuple(weight.shape)}, "
+                            f"got {mask.dtype} {tuple(mask.shape)}")
+    if iterations == 0:
+        return weight.masked_fill(~mask, 0)
+    problem = _Preconditioned(weight, hessian, rho, damping)
+    z, _ = _iterate(problem, mask, iterations, lambda step, iterate: None)
+    return problem.unscale(z).to(weight.dtype).masked_fill(~mask, 0)
+
+
+def ramp_sparsity(step: int, ramp: int, sparsity: float) -> float:
+    """The sparsity of mask selection `step` (0-based) of `ramp`: the cubic schedule s (1 - (1 - t)³), t = (step+1)
+    / ramp, of Zhu & Gupta (2017) that Boža (2024) uses; the last step reaches `sparsity`."""
+    return sparsity * (1.0 - (1.0 - (step + 1) / ramp) ** 3)
+
+
+def _select(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
+    """Per output row, remove the `sparsity` fraction of lowest scores; for N:M, every group's N highest are kept
+    first, so that the mask reaches a valid N:M mask when `sparsity` reaches 1 - N/M."""
+    if pattern.is_nm:
+        keep = nm_mask(scores, pattern.n, pattern.m)
+        return row_mask(scores.masked_fill(keep, float("inf")), sparsity)
+    return row_mask(scores, sparsity)
+
+
+def admm_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, pattern: Pattern, rho: float = 1.0,
+    iterations: int = 20, ramp: int = 15, damping: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weight, keep-mask) for a [out, in] weight and its Hessian XᵀX: ADMM with gradual mask selection.
+
+    The mask is chosen per output row (per group of M inputs for an N:M `pattern`) from Wanda's score of the
+    current iterate, at sparsities rising over the first min(`ramp`, `iterations`) iterations to `sparsity`
+    (1 - N/M for N:M), then held. With zero iterations it is Wanda's mask and no update.
+    """
+    check_admm_options(rho, iterations, ramp, damping)
+    target = pattern.sparsity if pattern.is_nm else sparsity
+    problem = _Preconditioned(weight, hessian, rho, damping)
+    if iterations == 0:
+        keep = _select(problem.scores(problem.weight.float()), target, pattern)
+        return weight.masked_fill(~keep, 0), keep
+    steps = min(ramp, iterations)
+
+    def reselect(step: int, iterate: torch.Tensor) -> torch.Tensor | None:
+        if step >= steps:
+            return None
+        return _select(problem.scores(iterate), ramp_sparsity(step, steps, target), pattern)
+
+    z, keep = _iterate(problem, torch.ones_like(weight, dtype=torch.bool), iterations, reselect)
+    return problem.unscale(z).to(weight.dtype).masked_fill(~keep, 0), keep

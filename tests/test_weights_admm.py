@@ -1,0 +1,200 @@
+"""The ADMM weight update (Boža 2024): kernel invariants on tensors, the registered methods, and one real layer."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.adapters import adapter_for, projection_weight
+from prunekit.budget import Pattern
+from prunekit.errors import PrunekitError
+from prunekit.select import fraction_count, select_mask
+from prunekit.weights.admm import admm_prune, admm_update, ramp_sparsity
+from prunekit.weights.methods import PruneOptions
+from prunekit.weights.scores import wanda_scores
+from prunekit.weights.sparsegpt import sparsegpt_prune
+from prunekit.weights.stats import InputStats
+from tiny_models import tiny_causal_lm
+
+
+def _layer(rows=48, cols=64, tokens=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    # correlated input features with a few large outlier features, as in LLM activations
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=g) @ mix
+    x[:, :4] *= 20.0
+    stats = InputStats(cols, hessian=True)
+    stats.add(x)
+    return w, x, stats
+
+
+def _error(x, w, pruned):
+    return (x @ (w - pruned).t()).norm().item()
+
+
+def test_zero_iterations_is_no_update():
+    w, _, stats = _layer()
+    mask = select_mask(wanda_scores(w, stats.norms), 0.5, Pattern(), "row")
+    assert torch.equal(admm_update(w, stats.hessian, mask, iterations=0), w.masked_fill(~mask, 0))
+
+
+def test_admm_with_a_fixed_mask_converges_to_the_least_squares_optimum():
+    """Without damping, ADMM's fixed point is each row's exact optimum over its kept weights:
+    w_S = H_SS^-1 H_S: w (the normal equations of min ||Xw - X_S w_S||)."""
+    w, x, stats = _layer(rows=6)
+    h = stats.hessian.double()
+    mask = select_mask(wanda_scores(w, stats.norms), 0.5, Pattern(), "row")
+    updated = admm_update(w, stats.hessian, mask, iterations=400, damping=0.0)
+    for row in range(w.shape[0]):
+        kept = mask[row]
+        optimum = torch.linalg.solve(h[kept][:, kept], h[kept] @ w[row].double())
+        torch.testing.assert_close(updated[row, kept].double(), optimum, rtol=2e-3, atol=2e-3)
+    assert _error(x, w, updated) < 0.8 * _error(x, w, w * mask)
+
+
+@pytest.mark.parametrize("pattern", [Pattern(), Pattern(2, 4)], ids=["unstructured", "2:4"])
+def test_update_keeps_the_mask_exactly_and_lowers_the_error(pattern):
+    w, x, stats = _layer()
+    mask = select_mask(wanda_scores(w, stats.norms), 0.5, pattern, "row")
+    updated = admm_update(w, stats.hessian, mask)
+    assert (updated[~mask] == 0).all()
+    assert _error(x, w, updated) < 0.9 * _error(x, w, w * mask)
+
+
+@pytest.mark.parametrize("pattern, sparsity", [(Pattern(), 0.5), (Pattern(), 0.7), (Pattern(2, 4), 0.5),
+                                               (Pattern(4, 8), 0.5)])
+def test_gradual_admm_masks_are_exact_and_beat_sparsegpt(pattern, sparsity):
+    w, x, stats = _layer()
+    updated, keep = admm_prune(w, stats.hessian, sparsity=sparsity, pattern=pattern)
+    assert (updated[~keep] == 0).all()
+    if pattern.is_nm:
+        assert ((keep.reshape(w.shape[0], -1, pattern.m).sum(-1)) == pattern.n).all()
+    else:  # compared per output row, as Wanda
+        assert ((~keep).sum(1) == fraction_count(w.shape[1], sparsity)).all()
+    sparsegpt, _ = sparsegpt_prune(w, stats.hessian, sparsity=sparsity, pattern=pattern, blocksize=16)
+    assert _error(x, w, updated) <= _error(x, w, sparsegpt)
+
+
+def test_gradual_admm_with_zero_iterations_is_wanda():
+    w, _, stats = _layer()
+    updated, keep = admm_prune(w, stats.hessian, sparsity=0.5, pattern=Pattern(), iterations=0)
+    wanda = select_mask(wanda_scores(w, stats.norms), 0.5, Pattern(), "row")
+    assert torch.equal(keep, wanda)
+    assert torch.equal(updated, w.masked_fill(~wanda, 0))
+
+
+def test_ramp_rises_monotonically_to_the_target():
+    steps = [ramp_sparsity(step, 15, 0.6) for step in range(15)]
+    assert all(a < b for a, b in zip(steps, steps[1:], strict=False))
+    assert steps[0] > 0 and steps[-1] == 0.6
+
+
+def test_dead_inputs_are_pruned_first_and_the_result_is_finite():
+    w, x, _ = _layer()
+    x[:, 5] = 0.0
+    stats = InputStats(x.shape[1], hessian=True)
+    stats.add(x)
+    updated, keep = admm_prune(w, stats.hessian, sparsity=0.5, pattern=Pattern())
+    assert not keep[:, 5].any()
+    assert torch.isfinite(updated).all()
+
+
+@pytest.mark.parametrize("options, bad", [(dict(rho=0.0), "rho 0.0"), (dict(rho=-1.0), "rho -1.0"),
+                                          (dict(iterations=-1), "iterations -1"),
+                                          (dict(damping=1.5), "damping 1.5")])
+def test_bad_kernel_options_raise_one_line(options, bad):
+    w, _, stats = _layer()
+    mask = torch.ones_like(w, dtype=torch.bool)
+    with pytest.raises(PrunekitError, match=bad) as error:
+        admm_update(w, stats.hessian, mask, **options)
+    assert "\n" not in str(error.value)
+    with pytest.raises(PrunekitError, match="bool tensor"):
+        admm_update(w, stats.hessian, mask.float())
+
+
+def _calibration():
+    return torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("options, bad", [(dict(admm_rho=0.0), "rho 0.0"), (dict(admm_iterations=-2), "iterations -2")])
+def test_bad_prune_options_raise_before_the_model_changes(options, bad):
+    model = tiny_causal_lm("llama", layers=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PrunekitError, match=bad) as error:
+        prunekit.prune(model, method="admm", sparsity=0.5, calibration=_calibration(), progress=False, **options)
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_admm_iterations_option_changes_the_result_and_zero_is_wanda():
+    results = {}
+    for method, iterations in (("wanda", 20), ("admm", 0), ("admm", 20)):
+        model = tiny_causal_lm("llama", layers=2)
+        prunekit.prune(model, method=method, sparsity=0.5, calibration=_calibration(), progress=False,
+                       admm_iterations=iterations)
+        results[method, iterations] = prunekit.target_weights(model)
+    for name, weight in results["wanda", 20].items():
+        assert torch.equal(results["admm", 0][name], weight), name
+    assert any(not torch.equal(results["admm", 20][n], w) for n, w in results["wanda", 20].items())
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_update_after_wanda_keeps_wandas_first_block_masks(pattern):
+    """`wanda+admm` takes Wanda's masks and changes only the kept weights (later blocks see different inputs, so
+    only block 0's masks are comparable)."""
+    masks = {}
+    for method in ("wanda", "wanda+admm"):
+        model = tiny_causal_lm("llama", layers=2)
+        _, masks[method] = prunekit.prune(model, method=method, sparsity=None if pattern else 0.5, pattern=pattern,
+                                          calibration=_calibration(), progress=False, return_masks=True)
+        for name, weight in prunekit.target_weights(model).items():
+            assert (weight[~masks[method][name]] == 0).all(), name
+    first = [n for n in masks["wanda"] if ".0." in n]
+    assert first and all(torch.equal(masks["wanda"][n], masks["wanda+admm"][n]) for n in first)
+
+
+def test_admm_with_owl_allocation_meets_the_mean_target():
+    model = tiny_causal_lm("llama", layers=4)
+    record = prunekit.prune(model, method="admm", sparsity=0.6, allocation="owl", calibration=_calibration(),
+                            progress=False)
+    assert record["method"]["admm_iterations"] == PruneOptions().admm_iterations
+    assert record["metrics"]["sparsity"]["achieved"] == pytest.approx(0.6, abs=2e-3)
+    assert len(set(record["method"]["owl_block_sparsities"])) > 1
+
+
+class _Recorded(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_admm_reconstructs_a_real_layer_better_than_sparsegpt(smollm2):
+    """||XWᵀ - XŴᵀ|| on the real inputs of SmolLM2's block-3 MLP down projection (8 x 256 calibration tokens).
+    Measured ADMM / SparseGPT error ratios: 0.66 (50%) and 0.70 (2:4); the bound leaves about 15% margin."""
+    from prunekit.corpus import calibration_tokens
+
+    model = smollm2.model
+    layer = adapter_for(model).block_list(model)[3].get_submodule("mlp.down_proj")
+    ids = calibration_tokens(smollm2.tokenizer, "wiki-summaries", samples=8, seq_len=256, seed=0).ids
+    seen = []
+
+    def record(module, args):
+        seen.append(args[0].reshape(-1, args[0].shape[-1]))
+        raise _Recorded  # the blocks after this layer need not run
+
+    handle = layer.register_forward_pre_hook(record)
+    with torch.no_grad(), contextlib.suppress(_Recorded):
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    x = torch.cat(seen)
+    stats = InputStats(x.shape[1], hessian=True)
+    stats.add(x)
+    w = projection_weight(layer).clone()
+    for pattern in (Pattern(), Pattern(2, 4)):
+        admm, keep = admm_prune(w, stats.hessian, sparsity=0.5, pattern=pattern)
+        sparsegpt, _ = sparsegpt_prune(w, stats.hessian, sparsity=0.5, pattern=pattern)
+        assert (admm[~keep] == 0).all() and (~keep).sum().item() == w.numel() // 2
+        ratio = _error(x, w, admm) / _error(x, w, sparsegpt)
+        assert ratio < 0.8, (str(pattern), ratio)
