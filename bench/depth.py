@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import place  # noqa: E402
+from tables import append_row, place, read_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -48,13 +48,11 @@ BASELINES = ("reverse", "random")
 
 
 def _rows() -> list[dict]:
-    return [json.loads(line) for line in RAW.read_text(encoding="utf-8").splitlines()] if RAW.exists() else []
+    return read_rows(RAW)
 
 
 def _append(row: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with RAW.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(RAW, row)
     print(json.dumps({k: row[k] for k in ("kind", "method", "blocks", "seed") if k in row}
                      | {k: row[k] for k in ("perplexity", "healed_perplexity") if k in row}), file=sys.stderr)
 

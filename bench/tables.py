@@ -6,6 +6,7 @@ markers (the reading of each table) is written by hand. Run after any benchmark 
     .venv/bin/python bench/tables.py
 """
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TABLES = ("data_fmnist", "infobatch", "data_text", "data_throughput", "training", "training.overhead", "startup")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a benchmark's JSON-lines file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Add one finished row to a benchmark's JSON-lines file, so that a run cut short keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def place(name: str, text: str, heading: str) -> None:

@@ -8,7 +8,7 @@ describe the remaining blocks, renumbered 0..L'-1.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -70,18 +70,24 @@ def _identity(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def skipped_blocks(model: nn.Module, skipped: list[int]) -> Iterator[None]:
+def replaced_forwards(replacements: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """While entered, each module computes with the forward paired with it; the modules' own forwards (an instance
+    attribute, if one was set, or the class's) are put back on exit."""
+    saved = [(module, vars(module).get("forward")) for module, _ in replacements]
+    try:
+        for module, forward in replacements:
+            module.forward = forward
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def skipped_blocks(model: nn.Module, skipped: list[int]) -> contextlib.AbstractContextManager[None]:
     """While entered, the blocks `skipped` pass their input hidden states on unchanged (the model with those blocks
     removed, as far as its outputs go; nothing is cached for them). The blocks' own forwards are put back on exit."""
     blocks = adapter_for(model).block_list(model)
-    saved = {i: vars(blocks[i]).get("forward") for i in skipped}
-    try:
-        for i in skipped:
-            blocks[i].forward = _identity
-        yield
-    finally:
-        for i, forward in saved.items():
-            if forward is None:
-                del blocks[i].forward
-            else:
-                blocks[i].forward = forward
+    return replaced_forwards([(blocks[i], _identity) for i in skipped])

@@ -10,12 +10,12 @@ rebuilt by `prunekit.load` from the `removed_sublayers` of its manifest (`remove
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from prunekit.adapters import adapter_for
+from prunekit.depth.remove import replaced_forwards
 from prunekit.errors import PrunekitError
 
 SUBLAYERS = {"attention": "self_attn", "mlp": "mlp"}
@@ -127,21 +127,10 @@ def sublayer_parameters(model: nn.Module, kind: str) -> list[int]:
     return [sum(p.numel() for p in block.get_submodule(SUBLAYERS[kind]).parameters()) for block in blocks]
 
 
-@contextlib.contextmanager
-def skipped_sublayers(model: nn.Module, kind: str, skipped: list[int]) -> Iterator[None]:
+def skipped_sublayers(model: nn.Module, kind: str, skipped: list[int]) -> contextlib.AbstractContextManager[None]:
     """While entered, the `kind` sublayers of the blocks `skipped` compute as their stand-ins do and add nothing
     (the model with them removed, as far as its outputs go). The modules stay in place, so the model keeps its
     layout; their own forwards are put back on exit."""
     blocks = adapter_for(model).block_list(model)
-    modules = {i: blocks[i].get_submodule(SUBLAYERS[kind]) for i in skipped}
-    saved = {i: vars(module).get("forward") for i, module in modules.items()}
-    try:
-        for i, module in modules.items():
-            module.forward = _stand_in(kind, blocks[i]).forward
-        yield
-    finally:
-        for i, forward in saved.items():
-            if forward is None:
-                del modules[i].forward
-            else:
-                modules[i].forward = forward
+    return replaced_forwards([(blocks[i].get_submodule(SUBLAYERS[kind]), _stand_in(kind, blocks[i]).forward)
+                              for i in skipped])
