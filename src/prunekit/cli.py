@@ -136,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=_graph, summary=lambda record: "\n".join(record["groups"]))
 
     from prunekit.data import cli as data_cli  # inside `main`'s error handling, like every other import
+    from prunekit.deltas import cli as deltas_cli
     from prunekit.recovery import cli as recovery_cli
     from prunekit.training import cli as training_cli
 
     training_cli.add_parser(verbs)
     data_cli.add_parser(verbs)
     recovery_cli.add_parser(verbs)
+    deltas_cli.add_parser(verbs)  # `delta` and `delta-merge`
     return parser
 
 
