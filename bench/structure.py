@@ -267,17 +267,17 @@ def _crops(count: int, seed: int):
     return sample_image_crops(count, seed, IMAGE_SIZE)
 
 
-def _own_label_loss(model, batch):
-    """Cross-entropy against the model's own top-1 (no labels exist for these crops), as prunekit's default."""
+def _cross_entropy(logits, labels=None):
+    """Cross-entropy against `labels`, or against the model's own top-1 where there are none (the photographs)."""
     import torch.nn.functional as F
 
-    logits = model(batch)
-    return F.cross_entropy(logits, logits.detach().argmax(1))
+    return F.cross_entropy(logits, logits.detach().argmax(1) if labels is None else labels)
 
 
-def _tp_vision(model, method: str, remove: float, calib) -> dict:
-    """Torch-Pruning's MetaPruner (uniform per layer, classifier ignored), its channel ratio bisected on copies of
-    the model until the parameters removed match `remove`."""
+def _tp_channels(model, method: str, remove: float, calib: list[tuple], ignored: list[str]) -> dict:
+    """Torch-Pruning's MetaPruner on a CNN (uniform per layer, the modules named in `ignored` kept whole), its
+    channel ratio bisected on copies of the model until the parameters removed match `remove`. `calib` holds
+    (inputs, labels or None) batches for Taylor's gradients."""
     import torch_pruning as tp
 
     make = {"magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
@@ -285,10 +285,10 @@ def _tp_vision(model, method: str, remove: float, calib) -> dict:
             "taylor": lambda: tp.importance.TaylorImportance()}[method]
     if method == "taylor":  # gradients once, copied to every trial copy below
         model.zero_grad()
-        for batch in calib.split(8):
-            _own_label_loss(model, batch).backward()
+        for inputs, labels in calib:
+            _cross_entropy(model(inputs), labels).backward()
     total = sum(p.numel() for p in model.parameters())
-    example = calib[:1]
+    example = calib[0][0][:1]
 
     def trial_copy():
         trial = copy.deepcopy(model)  # deepcopy leaves .grad behind
@@ -298,22 +298,51 @@ def _tp_vision(model, method: str, remove: float, calib) -> dict:
 
     def pruned(ratio: float, target):
         pruner = tp.pruner.MetaPruner(target, example_inputs=example, importance=make(), pruning_ratio=ratio,
-                                      ignored_layers=[target.classifier])
+                                      ignored_layers=[target.get_submodule(name) for name in ignored])
         pruner.step()
         return 1 - sum(p.numel() for p in target.parameters()) / total
 
-    low, high = 0.0, 0.95
-    for _ in range(12):
-        middle = (low + high) / 2
-        if pruned(middle, trial_copy()) < remove:
-            low = middle
-        else:
-            high = middle
-    ratio = min((low, high), key=lambda r: abs(pruned(r, trial_copy()) - remove))
+    ratio = _bisect_ratio(lambda r: pruned(r, trial_copy()), remove)
     achieved = pruned(ratio, model)
     model.zero_grad(set_to_none=True)
     return {"method": {"name": method, "library": "torch-pruning", "channel_ratio": ratio},
             "metrics": {"removed_fraction": {"target": remove, "achieved": achieved}}}
+
+
+def _bisect_ratio(removed: Callable[[float], float], target: float, steps: int = 12) -> float:
+    """The Torch-Pruning ratio in [0, 0.95] whose removed fraction of parameters (`removed(ratio)`, on a trial
+    copy) comes closest to `target`: its ratio is of channels, not of parameters."""
+    low, high = 0.0, 0.95
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if removed(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return min((low, high), key=lambda r: abs(removed(r) - target))
+
+
+def _interleaved_latency(models: dict, inputs, rounds: int = 3) -> dict[str, dict]:
+    """`measure.latency` of each model at batch 1 and 16, in `rounds` turns (dense, pruned, dense, ...), so that a
+    change in the machine's load hits both alike; per batch size the median of the rounds' medians (and its
+    quartiles over the rounds, for `speed_record`'s overlap test)."""
+    import statistics
+
+    from prunekit.measure import latency
+
+    rounds_ms: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            rounds_ms[name].append(latency(model, inputs, batch_sizes=(1, 16), warmup=2, repeats=5))
+    out = {}
+    for name, runs in rounds_ms.items():
+        sizes = {}
+        for size in runs[0]["batch_sizes"]:
+            medians = [run["batch_sizes"][size]["median_ms"] for run in runs]
+            q1, median, q3 = statistics.quantiles(medians, n=4, method="inclusive")
+            sizes[size] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "rounds_ms": medians}
+        out[name] = {**runs[0], "rounds": rounds, "batch_sizes": sizes}
+    return out
 
 
 def run_one_vision(args: argparse.Namespace) -> dict:
@@ -340,7 +369,8 @@ def run_one_vision(args: argparse.Namespace) -> dict:
                 pruned, _ = prune_graph(model, images[:1], method=method, remove=float(budget),
                                         ignore=[model.classifier], calibration=list(calib.split(8)), progress=False)
             else:
-                pruned = _tp_vision(model, method, float(budget), calib)
+                pruned = _tp_channels(model, method, float(budget), [(b, None) for b in calib.split(8)],
+                                      ignored=["classifier"])
         record.update(method=pruned["method"], removed_fraction=pruned["metrics"]["removed_fraction"],
                       prune_s=monitor.wall_s)
     model.eval()
@@ -398,6 +428,360 @@ def _vision_meta(args: argparse.Namespace, rows: list[dict]) -> str:
     )
 
 
+# A ResNet-style CNN trained here on Fashion-MNIST: 50% removed, accuracy right after pruning and after one epoch.
+RESNET_BUDGETS = ("0.5",)
+RESNET_PRUNEKIT = ("taylor", "activation", "l2", "bn-scale", "random")
+RESNET_TP = ("taylor", "bn-scale", "magnitude")
+RESNET_EPOCHS = 3  # pre-training of the dense model, on all 60,000 training images
+RESNET_LR = 0.05
+
+
+def _resnet_configs() -> list[str]:
+    return _run_order(RESNET_BUDGETS, RESNET_PRUNEKIT, RESNET_TP)
+
+
+def _fashion_mnist():
+    from prunekit.assets import load_images
+    from prunekit.training.loop import ClassificationData
+
+    return ClassificationData.from_images(load_images("fashion-mnist", "train"), load_images("fashion-mnist", "test"))
+
+
+def _resnet_weights():
+    from prunekit.assets import cache_dir
+
+    return cache_dir() / "bench" / f"resnet-small-fashion-mnist-e{RESNET_EPOCHS}-seed0.safetensors"
+
+
+def _prepare_resnet(args: argparse.Namespace) -> None:
+    """Train the dense ResNet once (SGD, cosine schedule, seed 0) and cache its weights for every run's process."""
+    import torch
+    from safetensors.torch import save_file
+
+    from prunekit.nets import build_net
+    from prunekit.training.loop import train
+
+    path = _resnet_weights()
+    if path.exists():
+        return
+    torch.set_num_threads(args.threads)
+    model = build_net("resnet-small", seed=0)
+    train(model, _fashion_mnist(), epochs=RESNET_EPOCHS, batch_size=128, lr=RESNET_LR, seed=0, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(model.state_dict(), str(partial))
+    partial.rename(path)
+
+
+def run_one_resnet(args: argparse.Namespace) -> dict:
+    """One ResNet configuration in this process: prune the trained network, accuracy on the 10,000 test images
+    right after pruning and after one epoch of fine-tuning on the 60,000 training images, MACs and latency."""
+    import torch
+    from safetensors.torch import load_file
+
+    from prunekit.measure import ResourceMonitor, accuracy, count_macs, environment, parameter_counts
+    from prunekit.nets import build_net
+    from prunekit.structure.graph_prune import prune_graph
+    from prunekit.training.loop import train
+
+    torch.set_num_threads(args.threads)
+    data = _fashion_mnist()
+    model = build_net("resnet-small")
+    model.load_state_dict(load_file(str(_resnet_weights())))
+    model.eval()
+    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(1))[:256]
+    calib = [(data.train_inputs[i], data.train_labels[i]) for i in order.split(32)]
+    library, _, rest = args.one.partition(":")
+    record: dict = {"run": args.one, "library": library}
+    models = {"pruned": model}
+    if library != "dense":
+        models = {"dense": copy.deepcopy(model), "pruned": model}
+        method, budget = rest.split(":")
+        with ResourceMonitor() as monitor:
+            if library == "prunekit":
+                pruned, _ = prune_graph(model, data.train_inputs[:1], method=method, remove=float(budget),
+                                        ignore=[model.fc], progress=False,
+                                        calibration=[{"inputs": x, "labels": y} for x, y in calib])
+            else:
+                pruned = _tp_channels(model, method, float(budget), calib, ignored=["fc"])
+        record.update(method=pruned["method"], removed_fraction=pruned["metrics"]["removed_fraction"],
+                      prune_s=monitor.wall_s, dense_macs=count_macs(models["dense"], data.train_inputs[:1]))
+    model.eval()
+    record["accuracy"] = accuracy(model, data.test_inputs, data.test_labels)["accuracy"]
+    record["parameters"] = parameter_counts(model)["total"]
+    record["macs"] = count_macs(model, data.train_inputs[:1])
+    timed = _interleaved_latency(models, data.test_inputs[:1])
+    record["latency"] = timed["pruned"]
+    if library != "dense":
+        record["dense_latency"] = timed["dense"]
+        train(model, data, epochs=1, batch_size=128, lr=RESNET_LR / 5, seed=0, progress=False)
+        model.eval()
+        record["finetuned_accuracy"] = accuracy(model, data.test_inputs, data.test_labels)["accuracy"]
+    record["environment"] = environment()
+    return record
+
+
+def _latency_columns(row: dict) -> tuple[dict, dict]:
+    """(median ms by batch size, `speed_record` against the dense copy timed in the same process)."""
+    from prunekit.measure import speed_record
+
+    ms = {b: row["latency"]["batch_sizes"][b]["median_ms"] for b in ("1", "16")}
+    if row["library"] == "dense":
+        return ms, {}
+    return ms, speed_record({"macs": row["dense_macs"], "latency": row["dense_latency"]},
+                            {"macs": row["macs"], "latency": row["latency"]})
+
+
+def _speed_cells(ms: dict, s: dict) -> str:
+    return (f"{s['macs']['removed_fraction']:.1%} | {s['ideal_speedup']:.2f} | {ms['1']:.2f} | "
+            f"{s['latency']['1']['speedup']:.2f} | {ms['16']:.2f} | {s['latency']['16']['speedup']:.2f} | "
+            f"{s['latency']['16']['ideal_fraction']:.0%} | {'no' if s['not_faster'] else 'yes'}")
+
+
+def _library(row: dict) -> str:
+    return "prunekit" if row["library"] == "prunekit" else "Torch-Pruning"
+
+
+def _resnet_table(rows: list[dict]) -> str:
+    lines = ["| library | method | params removed (target) | accuracy | after 1 epoch | MACs removed | ideal speedup | "
+             "b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 12)
+            continue
+        ms, s = _latency_columns(row)
+        if row["library"] == "dense":
+            lines.append(f"| dense | — | — | {row['accuracy']:.2%} | — | — | — | {ms['1']:.2f} | — | {ms['16']:.2f} "
+                         "| — | — | — | — |")
+            continue
+        removed = row["removed_fraction"]
+        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
+                     f"({removed['target']:.0%}) | {row['accuracy']:.2%} | {row['finetuned_accuracy']:.2%} | "
+                     f"{_speed_cells(ms, s)} | {row['prune_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _resnet_meta(args: argparse.Namespace, rows: list[dict]) -> str:
+    env_card = rows[0]["environment"]
+    return (
+        f"`resnet-small` (prunekit.nets: stem and three basic residual blocks at 16/32/64 channels, 78k parameters), "
+        f"trained here on all 60,000 Fashion-MNIST training images ({RESNET_EPOCHS} epochs, SGD momentum 0.9, "
+        f"lr {RESNET_LR} cosine, batch 128, seed 0); the classifier kept whole. Accuracy on the 10,000 test images "
+        f"right after pruning and after one epoch of fine-tuning on the training images (lr {RESNET_LR / 5} "
+        f"cosine, same batches for every row). Calibration for Taylor and activation: 256 labelled training images "
+        f"(seed 1), Taylor's loss the cross-entropy against their labels in both libraries. Torch-Pruning's channel "
+        f"ratio is bisected to the same parameter reduction. Latency: 28 × 28 inputs, each pruned model timed in "
+        f"3 rounds alternating with a dense copy in the same process (5 repeats after 2 warm-ups per round, median "
+        f"of the rounds' medians); {args.threads} threads, torch {env_card['torch']}, Torch-Pruning "
+        f"{_tp_version()}. Regenerate: `.venv/bin/python bench/structure.py --models resnet`."
+    )
+
+
+# all-MiniLM-L6-v2: 30% of its parameters (embeddings included) removed, heads and FFN neurons.
+MINILM_BUDGETS = ("0.3",)
+MINILM_PRUNEKIT = ("obs", "flap", "activation", "wanda-sp", "l2", "random")
+MINILM_TP = ("activation", "magnitude")
+MINILM_TOKENS = 256  # all-MiniLM-L6-v2's sentence-transformers length, for the embeddings and the latency
+MINILM_CALIB = (32, 128)  # calibration sequences x tokens of wiki-summaries, the CLI's default for encoders
+
+
+def _minilm_configs() -> list[str]:
+    return _run_order(MINILM_BUDGETS, MINILM_PRUNEKIT, MINILM_TP)
+
+
+def _news(args: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
+    """BBC News texts and topic labels: the first `--news-train` of the train split (seeded shuffle) to fit the
+    logistic regression, the first `--news-test` of the test split for its accuracy and the embedding cosine."""
+    import random
+
+    from prunekit.assets import text_records
+
+    out = {}
+    for split, count in (("train", args.news_train), ("test", args.news_test)):
+        records = text_records("bbc-news", split)
+        random.Random(0).shuffle(records)
+        records = records[:count]
+        out[split] = ([r["text"] for r in records], [r["label"] for r in records])
+    return out
+
+
+def _dense_news_path(args: argparse.Namespace):
+    from prunekit.assets import cache_dir
+
+    return cache_dir() / "bench" / f"minilm-bbc-{args.news_train}-{args.news_test}-{MINILM_TOKENS}.safetensors"
+
+
+def _prepare_minilm(args: argparse.Namespace) -> None:
+    """The dense model's embeddings of the news texts, once, for every run's cosine."""
+    import torch
+    from safetensors.torch import save_file
+
+    from prunekit.data.embed import load_encoder
+    from prunekit.measure.embedding import sentence_embeddings
+
+    path = _dense_news_path(args)
+    if path.exists():
+        return
+    torch.set_num_threads(args.threads)
+    encoder = load_encoder("minilm-l6")
+    news = _news(args)
+    out = {split: sentence_embeddings(encoder.model, encoder.tokenizer, texts, max_length=MINILM_TOKENS)
+           for split, (texts, _) in news.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(out, str(partial))
+    partial.rename(path)
+
+
+def _tp_encoder(model, method: str, remove: float, calib) -> dict:
+    """Torch-Pruning on a BERT encoder's whole attention heads (q/k/v rows with the output projection's columns)
+    and FFN neurons, the hidden size kept: one ratio for both, bisected on copies to the parameter budget."""
+    import torch
+    import torch_pruning as tp
+
+    total = sum(p.numel() for p in model.parameters())
+    example = {"input_ids": calib[:1], "attention_mask": torch.ones_like(calib[:1])}
+
+    def prune(ratio: float, target, importance):
+        layers = target.encoder.layer
+        num_heads = {}
+        for layer in layers:
+            attention = layer.attention.self
+            for projection in (attention.query, attention.key, attention.value):
+                num_heads[projection] = attention.num_attention_heads
+        # the residual stream stays whole: the Linear layers that write to it, and the pooler, are not roots
+        ignored = [m for layer in layers for m in (layer.attention.output.dense, layer.output.dense)]
+        if getattr(target, "pooler", None) is not None:
+            ignored.append(target.pooler.dense)
+        pruner = tp.pruner.MetaPruner(target, example_inputs=example, importance=importance, pruning_ratio=ratio,
+                                      num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                                      head_pruning_ratio=ratio, ignored_layers=ignored,
+                                      output_transform=lambda out: out.last_hidden_state)
+        if method == "activation":
+            with torch.no_grad(), importance.compute_importance(target):
+                target(input_ids=calib, attention_mask=torch.ones_like(calib))
+        for group in pruner.step(interactive=True):
+            group.prune()
+        for layer in layers:  # BertSelfAttention reads these sizes in forward
+            attention = layer.attention.self
+            attention.all_head_size = attention.query.out_features
+            attention.num_attention_heads = attention.all_head_size // attention.attention_head_size
+        heads = {layer.attention.self.num_attention_heads for layer in layers}
+        widths = {layer.intermediate.dense.out_features for layer in layers}
+        if len(heads) == 1 and len(widths) == 1:
+            target.config.num_attention_heads, target.config.intermediate_size = heads.pop(), widths.pop()
+        return 1 - sum(p.numel() for p in target.parameters()) / total
+
+    def importance():
+        return (tp.importance.ActivationImportance(p=2, target_types=[torch.nn.Linear]) if method == "activation"
+                else tp.importance.MagnitudeImportance(p=2))
+
+    ratio = _bisect_ratio(lambda r: prune(r, copy.deepcopy(model), importance()), remove, steps=8)
+    achieved = prune(ratio, model, importance())
+    return {"method": {"name": method, "library": "torch-pruning", "units": ["heads", "neurons"], "ratio": ratio},
+            "metrics": {"removed_fraction": {"target": remove, "achieved": achieved}}}
+
+
+def run_one_minilm(args: argparse.Namespace) -> dict:
+    """One MiniLM configuration in this process: prune, then the cosine of its BBC News embeddings to the dense
+    model's, a logistic regression's topic accuracy on its own embeddings, MACs and latency."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from sklearn.linear_model import LogisticRegression
+
+    from prunekit.corpus import calibration_tokens
+    from prunekit.data.embed import load_encoder
+    from prunekit.measure import ResourceMonitor, count_macs, environment, parameter_counts
+    from prunekit.measure.embedding import embedding_fidelity, sentence_embeddings
+    from prunekit.structure import prune_structure
+
+    torch.set_num_threads(args.threads)
+    encoder = load_encoder("minilm-l6")
+    model, tokenizer = encoder.model, encoder.tokenizer
+    news = _news(args)
+    dense_news = load_file(str(_dense_news_path(args)))
+    sample = tokenizer(news["test"][0][0], truncation=True, max_length=MINILM_TOKENS, return_tensors="pt")
+    inputs = {"input_ids": sample["input_ids"], "attention_mask": sample["attention_mask"]}
+    library, _, rest = args.one.partition(":")
+    record: dict = {"run": args.one, "library": library}
+    models = {"pruned": model}
+    if library != "dense":
+        models = {"dense": copy.deepcopy(model), "pruned": model}
+        method, budget = rest.split(":")
+        samples, seq_len = MINILM_CALIB
+        with ResourceMonitor() as monitor:
+            if library == "prunekit":
+                pruned = prune_structure(model, tokenizer, method=method, remove=float(budget), batch_size=8,
+                                         calibration="wiki-summaries", calibration_samples=samples,
+                                         calibration_seq_len=seq_len, seed=0, progress=False, model_source="minilm-l6")
+            else:
+                calib = calibration_tokens(tokenizer, "wiki-summaries", samples=samples, seq_len=seq_len, seed=0).ids
+                pruned = _tp_encoder(model, method, float(budget), calib)
+        record.update(method=pruned["method"], removed_fraction=pruned["metrics"]["removed_fraction"],
+                      prune_s=monitor.wall_s, dense_macs=count_macs(models["dense"], inputs))
+    model.eval()
+    embedded = {split: sentence_embeddings(model, tokenizer, texts, max_length=MINILM_TOKENS)
+                for split, (texts, _) in news.items()}
+    record["cosine"] = embedding_fidelity(dense_news["test"], embedded["test"])
+    classifier = LogisticRegression(C=10.0, max_iter=2000).fit(embedded["train"].numpy(), news["train"][1])
+    record["news_accuracy"] = float(np.mean(classifier.predict(embedded["test"].numpy()) == np.array(news["test"][1])))
+    record["texts"] = {"train": len(news["train"][0]), "test": len(news["test"][0])}
+    record["parameters"] = parameter_counts(model)["total"]
+    record["macs"] = count_macs(model, inputs)
+    timed = _interleaved_latency(models, inputs)
+    record["latency"] = timed["pruned"]
+    if library != "dense":
+        record["dense_latency"] = timed["dense"]
+    record["environment"] = environment()
+    return record
+
+
+def _minilm_table(rows: list[dict]) -> str:
+    lines = ["| library | method | params removed (target) | embedding cosine (min) | topic accuracy | MACs removed | "
+             "ideal speedup | b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 12)
+            continue
+        ms, s = _latency_columns(row)
+        cosine = f"{row['cosine']['mean_cosine']:.4f} ({row['cosine']['min_cosine']:.3f})"
+        if row["library"] == "dense":
+            lines.append(f"| dense | — | — | {cosine} | {row['news_accuracy']:.1%} | — | — | {ms['1']:.2f} | — | "
+                         f"{ms['16']:.2f} | — | — | — | — |")
+            continue
+        removed = row["removed_fraction"]
+        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
+                     f"({removed['target']:.0%}) | {cosine} | {row['news_accuracy']:.1%} | {_speed_cells(ms, s)} | "
+                     f"{row['prune_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _minilm_meta(args: argparse.Namespace, rows: list[dict]) -> str:
+    env_card, texts = rows[0]["environment"], rows[0]["texts"]
+    return (
+        f"all-MiniLM-L6-v2 (`minilm-l6`, 22.7M parameters of which 11.7M are the token embeddings that neither "
+        f"library shrinks), one-shot, heads and FFN neurons removed uniformly, the hidden size kept; the budget is "
+        f"30% of all parameters, so about 60% of the heads and neurons go. Calibration {MINILM_CALIB[0]} × "
+        f"{MINILM_CALIB[1]} tokens of `wiki-summaries` (seed 0), the same for both libraries. Embedding cosine: "
+        f"mean (min) cosine of the mean-pooled, normalised embeddings of {texts['test']} BBC News test articles "
+        f"({MINILM_TOKENS} tokens) to the dense model's; topic accuracy: a logistic regression (C=10) fitted on "
+        f"the same model's embeddings of {texts['train']} training articles, on those test articles. Latency: one "
+        f"{MINILM_TOKENS}-token article, batch 1 and 16, each pruned model timed in 3 rounds alternating with a "
+        f"dense copy in the same process (5 repeats after 2 warm-ups per round, median of the rounds' medians); "
+        f"{args.threads} threads, torch {env_card['torch']}, transformers {env_card['transformers']}, "
+        f"Torch-Pruning {_tp_version()}. Regenerate: `.venv/bin/python bench/structure.py --models minilm`."
+    )
+
+
+def _tp_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch-pruning")
+
+
 @dataclass(frozen=True)
 class Section:
     """A model's runs, its worker and its table; results go to bench/results/structure_<name>.{jsonl,md} and the
@@ -407,10 +791,13 @@ class Section:
     run_one: Callable[[argparse.Namespace], dict]
     table: Callable[[list[dict]], str]
     meta: Callable[[argparse.Namespace, list[dict]], str]
+    prepare: Callable[[argparse.Namespace], None] | None = None  # once, before the runs (train, cache)
 
 
 SECTIONS = {"smollm2": Section(_configs, run_one, _table, _llm_meta),
-            "mobilenetv2": Section(_vision_configs, run_one_vision, _vision_table, _vision_meta)}
+            "mobilenetv2": Section(_vision_configs, run_one_vision, _vision_table, _vision_meta),
+            "resnet": Section(_resnet_configs, run_one_resnet, _resnet_table, _resnet_meta, _prepare_resnet),
+            "minilm": Section(_minilm_configs, run_one_minilm, _minilm_table, _minilm_meta, _prepare_minilm)}
 
 
 def _run_section(name: str, args: argparse.Namespace) -> None:
@@ -429,10 +816,13 @@ def _run_section(name: str, args: argparse.Namespace) -> None:
         configs = []
     elif keep:
         raw.write_text("")
+    if configs and section.prepare is not None:
+        section.prepare(args)
     for one in configs:
         cmd = [sys.executable, __file__, "--one", one, "--section", name, "--threads", str(args.threads),
                "--calibration-samples", str(args.calibration_samples), "--eval-windows", str(args.eval_windows),
-               "--repeats", str(args.repeats), "--images", str(args.images)]
+               "--repeats", str(args.repeats), "--images", str(args.images), "--news-train", str(args.news_train),
+               "--news-test", str(args.news_test)]
         start = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:  # one failed configuration is reported, and the others still run
@@ -468,6 +858,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16, help="SmolLM2: held-out 512-token windows")
     parser.add_argument("--repeats", type=int, default=3, help="SmolLM2: timed rounds of generation and prefill")
     parser.add_argument("--images", type=int, default=256, help="MobileNetV2: crops for top-1 agreement")
+    parser.add_argument("--news-train", type=int, default=400, help="MiniLM: BBC News articles to fit the classifier")
+    parser.add_argument("--news-test", type=int, default=200, help="MiniLM: BBC News articles for cosine and accuracy")
     parser.add_argument("--table", action="store_true",
                         help="only rebuild the tables from bench/results/structure_<model>.jsonl (e.g. of a cut run)")
     args = parser.parse_args()
