@@ -13,7 +13,7 @@ from prunekit.training import Masks
 from prunekit.weights import methods
 from prunekit.weights.engine import blockwise_forward, capture_block_inputs, run_block
 from prunekit.weights.sparsegpt import sparsegpt_prune
-from tiny_models import FAMILIES, WINDOW, tiny_causal_lm
+from tiny_models import FAMILIES, MOE_FAMILIES, WINDOW, tiny_causal_lm
 
 VOCAB = 128
 
@@ -36,8 +36,8 @@ CPU = torch.device("cpu")
 
 
 def test_tiny_models_cover_every_supported_model_type():
-    # bert, the one encoder, is covered by tests/test_structure_encoder.py
-    assert sorted([*FAMILIES, "bert"]) == supported_model_types()
+    # bert, the one encoder, is covered by tests/test_structure_encoder.py; the MoE families by tests/test_experts.py
+    assert sorted([*FAMILIES, *MOE_FAMILIES, "bert"]) == supported_model_types()
 
 
 def block_calls(model, ids):

@@ -43,3 +43,28 @@ def tiny_causal_lm(family: str = "llama", *, vocab: int = 128, layers: int = 3, 
     }
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def tiny_moe_lm(family: str = "mixtral", *, experts: int = 6, top_k: int = 2, layers: int = 2, vocab: int = 128,
+                seed: int = 0, norm_topk_prob: bool = False, **overrides) -> transformers.PreTrainedModel:
+    """A 32-wide mixture-of-experts model of `family` in eval mode, `experts` experts of width 16 routing `top_k`
+    per token; equal arguments give equal weights. Qwen2-MoE also has its gated shared expert. `norm_topk_prob`
+    (Qwen-MoE, OLMoE; Mixtral always renormalises) makes the top-k gate weights sum to one. `overrides` are further
+    config fields (Qwen's `mlp_only_layers`, say)."""
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  hidden_size=32, num_experts_per_tok=top_k, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  **overrides)
+    qwen = dict(common, num_experts=experts, moe_intermediate_size=16, intermediate_size=48,
+                norm_topk_prob=norm_topk_prob)
+    configs = {
+        "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=experts, intermediate_size=16),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=24),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**qwen, head_dim=8),
+        "olmoe": lambda: transformers.OlmoeConfig(**common, num_experts=experts, intermediate_size=16,
+                                                  norm_topk_prob=norm_topk_prob),
+    }
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()

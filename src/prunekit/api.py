@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import adapter_for, projection_weight
+from prunekit.adapters.moe import MoeAdapter
 from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsities, check_allocation
 from prunekit.artifacts import load_pruned, save_module, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
@@ -132,6 +133,11 @@ def prune(
                   eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
                   batch_size=batch_size)
     adapter = adapter_for(model)
+    if isinstance(adapter, MoeAdapter):
+        raise PrunekitError(f"prune reaches only plain Linear projections, not the experts of this {adapter.family} "
+                            "model (3-D parameters, each seeing only its routed tokens); prune weights inside the "
+                            "experts with prunekit.experts.prune_inside_experts (moe_pruner, wanda) or "
+                            "`prunekit experts --inside`")
     for name, weight in projection_weights(model).items():
         budget.pattern.check_width(weight.shape[1], name)
         if not torch.isfinite(weight).all():

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from prunekit.data import cli as data_cli  # inside `main`'s error handling, like every other import
     from prunekit.deltas import cli as deltas_cli
+    from prunekit.experts import cli as experts_cli
     from prunekit.recovery import cli as recovery_cli
     from prunekit.training import cli as training_cli
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_parser(verbs)
     recovery_cli.add_parser(verbs)
     deltas_cli.add_parser(verbs)  # `delta` and `delta-merge`
+    experts_cli.add_parser(verbs)
     return parser
 
 

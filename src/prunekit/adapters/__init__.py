@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunekit.adapters import bert, gpt2, gpt_neox, llama, opt, phi
+from prunekit.adapters import bert, gpt2, gpt_neox, llama, moe, opt, phi
 from prunekit.adapters.base import Adapter, is_conv1d, projection_weight, set_projection_weight
 from prunekit.errors import PrunekitError
 
 ADAPTERS: tuple[Adapter, ...] = (*llama.ADAPTERS, opt.ADAPTER, gpt2.ADAPTER, gpt_neox.ADAPTER, phi.ADAPTER,
-                                 bert.ADAPTER)
+                                 bert.ADAPTER, *moe.ADAPTERS)
 
 __all__ = ["ADAPTERS", "Adapter", "adapter_for", "find_adapter", "is_conv1d", "projection_weight",
            "set_projection_weight", "supported_model_types"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import adapter_for
+from prunekit.adapters.moe import MoeAdapter
 from prunekit.depth.remove import check_removal, remove_blocks
 from prunekit.depth.sublayers import RemovedAttention, RemovedMLP
 from prunekit.errors import PrunekitError
@@ -60,6 +61,10 @@ def merge_blocks(model: nn.Module, removed: list[int]) -> dict[int, list[int]]:
     changes."""
     check_removal(model, removed)
     adapter = adapter_for(model)
+    if isinstance(adapter, MoeAdapter):
+        raise PrunekitError(f"LaCo merging of {adapter.family} blocks is not supported: expert e of one block is not "
+                            "the counterpart of expert e of another, so their difference means nothing; remove the "
+                            "blocks without merge")
     blocks = adapter.block_list(model)
     targets = merge_targets(removed)
     _check_mergeable(blocks, targets)

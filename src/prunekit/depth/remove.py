@@ -59,6 +59,15 @@ def remove_blocks(model: nn.Module, removed: list[int]) -> None:
         values = getattr(config, field, None)
         if values is not None:
             setattr(config, field, [values[i] for i in kept])
+    if getattr(config, "mlp_only_layers", None) is not None:
+        # Qwen MoE: block i has a dense MLP if i is in mlp_only_layers or (i + 1) is not a multiple of
+        # decoder_sparse_step; the kept blocks' kinds are listed explicitly, since the step rule would not survive
+        # renumbering
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        dense = {i for i in range(len(blocks) + len(removed))
+                 if i in set(config.mlp_only_layers) or (i + 1) % step != 0}
+        config.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense]
+        config.decoder_sparse_step = 1
     if getattr(config, "max_window_layers", None) is not None:
         # Qwen: the first max_window_layers blocks use full attention; as many of them remain as were kept
         config.max_window_layers = sum(1 for i in kept if i < config.max_window_layers)
