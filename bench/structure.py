@@ -349,8 +349,9 @@ def run_one_vision(args: argparse.Namespace) -> dict:
     """One MobileNetV2 configuration in this process: prune, then top-1 agreement, MACs and latency."""
     import torch
 
-    from prunekit.measure import ResourceMonitor, count_macs, environment, latency, parameter_counts
+    from prunekit.measure import ResourceMonitor, count_macs, environment, parameter_counts
     from prunekit.nets import mobilenet_v2_imagenet
+    from prunekit.structure import recalibrate_batchnorm
     from prunekit.structure.graph_prune import prune_graph
 
     torch.set_num_threads(args.threads)
@@ -374,44 +375,43 @@ def run_one_vision(args: argparse.Namespace) -> dict:
         record.update(method=pruned["method"], removed_fraction=pruned["metrics"]["removed_fraction"],
                       prune_s=monitor.wall_s)
     model.eval()
-    with torch.inference_mode():
-        top1 = torch.cat([model(batch).argmax(1) for batch in images.split(32)])
-    record["agreement"] = float((top1 == dense_top1).float().mean())
+
+    def agreement() -> float:
+        with torch.inference_mode():
+            top1 = torch.cat([model(batch).argmax(1) for batch in images.split(32)])
+        return float((top1 == dense_top1).float().mean())
+
+    record["agreement"] = agreement()
     record["images"] = args.images
     record["parameters"] = parameter_counts(model)["total"]
     record["macs"] = count_macs(model, images[:1])
-    for name, m in models.items():
-        record["latency" if name == "pruned" else "dense_latency"] = latency(m, images[:1], batch_sizes=(1, 16))
+    timed = _interleaved_latency(models, images[:1])
+    record["latency"] = timed["pruned"]
     if library != "dense":
+        record["dense_latency"] = timed["dense"]
         record["dense_macs"] = count_macs(models["dense"], images[:1])
+        recalibrate_batchnorm(model, list(calib.split(8)))
+        record["recalibrated_agreement"] = agreement()
     record["environment"] = environment()
     return record
 
 
 def _vision_table(rows: list[dict]) -> str:
-    from prunekit.measure import speed_record
-
-    lines = ["| library | method | params removed (target) | top-1 agreement | MACs removed | ideal speedup | "
-             "b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| library | method | params removed (target) | top-1 agreement | after BN recalibration | MACs removed | "
+             "ideal speedup | b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 11)
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 12)
             continue
-        ms = {b: row["latency"]["batch_sizes"][b]["median_ms"] for b in ("1", "16")}
+        ms, s = _latency_columns(row)
         if row["library"] == "dense":
-            lines.append(f"| dense | — | — | 100% | — | — | {ms['1']:.1f} | — | {ms['16']:.1f} | — | — | — | — |")
+            lines.append(f"| dense | — | — | 100% | — | — | — | {ms['1']:.2f} | — | {ms['16']:.2f} | — | — | — | — |")
             continue
-        s = speed_record({"macs": row["dense_macs"], "latency": row["dense_latency"]},
-                         {"macs": row["macs"], "latency": row["latency"]})
         removed = row["removed_fraction"]
-        library = "prunekit" if row["library"] == "prunekit" else "Torch-Pruning"
-        lines.append(
-            f"| {library} | {row['method']['name']} | {removed['achieved']:.1%} ({removed['target']:.0%}) | "
-            f"{row['agreement']:.1%} | {s['macs']['removed_fraction']:.1%} | {s['ideal_speedup']:.2f} | "
-            f"{ms['1']:.1f} | {s['latency']['1']['speedup']:.2f} | {ms['16']:.1f} | "
-            f"{s['latency']['16']['speedup']:.2f} | {s['latency']['16']['ideal_fraction']:.0%} | "
-            f"{'no' if s['not_faster'] else 'yes'} | {row['prune_s']:.0f} |")
+        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
+                     f"({removed['target']:.0%}) | {row['agreement']:.1%} | {row['recalibrated_agreement']:.1%} | "
+                     f"{_speed_cells(ms, s)} | {row['prune_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -422,8 +422,10 @@ def _vision_meta(args: argparse.Namespace, rows: list[dict]) -> str:
         f"Top-1 agreement with the dense model on {rows[0]['images']} random resized 224 × 224 crops of "
         f"scikit-learn's two sample photographs (seed 0); calibration for Taylor and activation: 32 other crops "
         f"(seed 1), the loss against the model's own top-1 for both libraries. Torch-Pruning's channel ratio is "
-        f"bisected to the same parameter reduction. Latency: median of 10 after 3 warm-ups, each pruned model and a "
-        f"dense copy in the same process; {args.threads} threads, torch {env_card['torch']}, Torch-Pruning 1.6.1. "
+        f"bisected to the same parameter reduction. After BN recalibration: the same model once its BatchNorm "
+        f"statistics are re-estimated on those 32 calibration crops (`prunekit.structure.recalibrate_batchnorm`, no "
+        f"weight changes), for both libraries. {_LATENCY_NOTE} {args.threads} threads, torch {env_card['torch']}, "
+        f"Torch-Pruning {_tp_version()}. "
         f"Regenerate: `.venv/bin/python bench/structure.py --models mobilenetv2`."
     )
 
@@ -481,6 +483,7 @@ def run_one_resnet(args: argparse.Namespace) -> dict:
 
     from prunekit.measure import ResourceMonitor, accuracy, count_macs, environment, parameter_counts
     from prunekit.nets import build_net
+    from prunekit.structure import recalibrate_batchnorm
     from prunekit.structure.graph_prune import prune_graph
     from prunekit.training.loop import train
 
@@ -514,6 +517,8 @@ def run_one_resnet(args: argparse.Namespace) -> dict:
     record["latency"] = timed["pruned"]
     if library != "dense":
         record["dense_latency"] = timed["dense"]
+        recalibrate_batchnorm(model, [x for x, _ in calib])
+        record["recalibrated_accuracy"] = accuracy(model, data.test_inputs, data.test_labels)["accuracy"]
         train(model, data, epochs=1, batch_size=128, lr=RESNET_LR / 5, seed=0, progress=False)
         model.eval()
         record["finetuned_accuracy"] = accuracy(model, data.test_inputs, data.test_labels)["accuracy"]
@@ -543,21 +548,23 @@ def _library(row: dict) -> str:
 
 
 def _resnet_table(rows: list[dict]) -> str:
-    lines = ["| library | method | params removed (target) | accuracy | after 1 epoch | MACs removed | ideal speedup | "
-             "b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| library | method | params removed (target) | accuracy | after BN recalibration | after 1 epoch | "
+             "MACs removed | ideal speedup | b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | "
+             "prune s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 12)
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 13)
             continue
         ms, s = _latency_columns(row)
         if row["library"] == "dense":
-            lines.append(f"| dense | — | — | {row['accuracy']:.2%} | — | — | — | {ms['1']:.2f} | — | {ms['16']:.2f} "
-                         "| — | — | — | — |")
+            lines.append(f"| dense | — | — | {row['accuracy']:.2%} | — | — | — | — | {ms['1']:.2f} | — | "
+                         f"{ms['16']:.2f} | — | — | — | — |")
             continue
         removed = row["removed_fraction"]
         lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
-                     f"({removed['target']:.0%}) | {row['accuracy']:.2%} | {row['finetuned_accuracy']:.2%} | "
+                     f"({removed['target']:.0%}) | {row['accuracy']:.2%} | {row['recalibrated_accuracy']:.2%} | "
+                     f"{row['finetuned_accuracy']:.2%} | "
                      f"{_speed_cells(ms, s)} | {row['prune_s']:.1f} |")
     return "\n".join(lines)
 
@@ -571,9 +578,10 @@ def _resnet_meta(args: argparse.Namespace, rows: list[dict]) -> str:
         f"right after pruning and after one epoch of fine-tuning on the training images (lr {RESNET_LR / 5} "
         f"cosine, same batches for every row). Calibration for Taylor and activation: 256 labelled training images "
         f"(seed 1), Taylor's loss the cross-entropy against their labels in both libraries. Torch-Pruning's channel "
-        f"ratio is bisected to the same parameter reduction. Latency: 28 × 28 inputs, each pruned model timed in "
-        f"3 rounds alternating with a dense copy in the same process (5 repeats after 2 warm-ups per round, median "
-        f"of the rounds' medians); {args.threads} threads, torch {env_card['torch']}, Torch-Pruning "
+        f"ratio is bisected to the same parameter reduction. After BN recalibration: BatchNorm statistics "
+        f"re-estimated on those 256 images (`prunekit.structure.recalibrate_batchnorm`); the epoch of fine-tuning "
+        f"starts from there. Latency: 28 × 28 inputs. {_LATENCY_NOTE} {args.threads} threads, torch "
+        f"{env_card['torch']}, Torch-Pruning "
         f"{_tp_version()}. Regenerate: `.venv/bin/python bench/structure.py --models resnet`."
     )
 
@@ -769,11 +777,15 @@ def _minilm_meta(args: argparse.Namespace, rows: list[dict]) -> str:
         f"mean (min) cosine of the mean-pooled, normalised embeddings of {texts['test']} BBC News test articles "
         f"({MINILM_TOKENS} tokens) to the dense model's; topic accuracy: a logistic regression (C=10) fitted on "
         f"the same model's embeddings of {texts['train']} training articles, on those test articles. Latency: one "
-        f"{MINILM_TOKENS}-token article, batch 1 and 16, each pruned model timed in 3 rounds alternating with a "
-        f"dense copy in the same process (5 repeats after 2 warm-ups per round, median of the rounds' medians); "
+        f"{MINILM_TOKENS}-token article, batch 1 and 16. {_LATENCY_NOTE} "
         f"{args.threads} threads, torch {env_card['torch']}, transformers {env_card['transformers']}, "
         f"Torch-Pruning {_tp_version()}. Regenerate: `.venv/bin/python bench/structure.py --models minilm`."
     )
+
+
+_LATENCY_NOTE = ("Each pruned model is timed in 3 rounds alternating with a dense copy in the same process (5 "
+                 "repeats after 2 warm-ups per round; the median of the rounds' medians); 'faster?' is "
+                 "`speed_record`'s test (≥ 5% and interquartile ranges of the rounds apart, at both batch sizes).")
 
 
 def _tp_version() -> str:

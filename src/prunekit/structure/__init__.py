@@ -10,7 +10,8 @@ from prunekit.structure.api import (
     prune_structure,
     saved_widths,
 )
+from prunekit.structure.batchnorm import recalibrate_batchnorm
 from prunekit.structure.select import MODES, UNIT_KINDS
 
 __all__ = ["MODES", "STRUCTURE_ALLOCATIONS", "STRUCTURE_METHODS", "UNIT_KINDS", "check_structure_options",
-           "describe_structure", "load_widths", "prune_structure", "saved_widths"]
+           "describe_structure", "load_widths", "prune_structure", "recalibrate_batchnorm", "saved_widths"]
