@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="structures: time a forward pass (batch 1 and 16 × 128 tokens) before and after (default on; "
                         "MACs are always counted)")
+    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="networks with BatchNorm (mobilenet-v2, resnet-small, small-cnn): re-estimate its statistics "
+                        "on the calibration inputs after pruning (default on; the agreement is reported both ways)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="structures: prune block after block and re-fit the output projections by least squares "
                         "(default: on for obs, off otherwise)")
@@ -119,11 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
-    e = verbs.add_parser("eval", help="perplexity of a causal LM with a stated protocol")
+    e = verbs.add_parser("eval", help="perplexity of a causal LM with a stated protocol, or what token pruning "
+                                      "costs in quality and gains in speed (--tokens)")
     _common(e)
-    e.add_argument("--data", default="wiki-summaries", help="text asset name or local file (default wiki-summaries)")
+    e.add_argument("--data", default=None, help="text asset name or local file (default wiki-summaries; --tokens on "
+                                                "encoders: bbc-news)")
     _eval_options(e, "")
-    e.add_argument("--batch-size", type=count(1), default=4, help="windows per forward (default 4)")
+    e.add_argument("--batch-size", type=count(1), default=None, help="windows per forward (default 4)")
+    e.add_argument("--tokens", default=None, metavar="SPEC",
+                   help="measure token pruning: METHOD[:KEY=VALUE,...], e.g. tome:r=8, zero-tprune:keep=0.5, "
+                        "cls-attention:r=8, random:r=8 on encoders; fastv:keep=0.5,layer=2[,feather=true] on decoders")
+    e.add_argument("--continuation", type=count(1), default=None,
+                   help="--tokens on decoders: tokens predicted after each pruned prompt (default 64)")
 
     g = verbs.add_parser("graph", help="the coupled groups that structured pruning removes together")
     g.add_argument("--model", required=True,
@@ -231,7 +241,7 @@ def _units(text: str | None) -> tuple[str, ...] | None:
 
 # the options `prunekit prune` takes for a traced network; any other given for one is refused, never ignored
 _NET_OPTIONS = ("verb", "model", "method", "object", "remove", "remove_macs", "allocation", "round_to", "seed",
-                "speed", "threads", "json", "quiet", "out", "overwrite")
+                "speed", "recalibrate_bn", "threads", "json", "quiet", "out", "overwrite")
 AGREEMENT_IMAGES = 64
 
 
@@ -246,6 +256,7 @@ def _prune_net(args: argparse.Namespace, progress: bool) -> dict:
     from prunekit import api, nets
     from prunekit.assets import sample_image_crops
     from prunekit.measure import latency, speed_record
+    from prunekit.structure import recalibrate_batchnorm
 
     defaults = vars(build_parser().parse_args(["prune", "--model", args.model, "--out", args.out]))
     for option, value in vars(args).items():
@@ -270,6 +281,9 @@ def _prune_net(args: argparse.Namespace, progress: bool) -> dict:
         calibration = list(torch.rand((32, *shape[1:]), generator=torch.Generator().manual_seed(1)).split(8))
         calibration_source = "32 uniform random inputs in [0, 1) (seed 1)"
     example = calibration[0][:1]
+    has_norms = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if args.recalibrate_bn and not has_norms:
+        raise PrunekitError(f"--recalibrate-bn: {args.model} has no BatchNorm layers")
     dense = copy.deepcopy(model)
     record = api.prune_structure(model, example, method=args.method or "taylor", remove=args.remove,
                                  remove_macs=args.remove_macs, allocation=args.allocation, round_to=args.round_to,
@@ -283,11 +297,22 @@ def _prune_net(args: argparse.Namespace, progress: bool) -> dict:
         for entry, net in zip(speeds, (dense, model), strict=True):
             entry["latency"] = latency(net, example, batch_sizes=(1, 16), warmup=2, repeats=7)
     metrics["speed"] = {**speed_record(*speeds), "per": "image"}
-    if images is not None:
+
+    def agreement() -> float:
         with torch.inference_mode():
             agree = torch.cat([(dense(batch).argmax(1) == model(batch).argmax(1)) for batch in images.split(16)])
-        metrics["top1_agreement"] = {"agreement": agree.float().mean().item(), "images": len(images),
+        return agree.float().mean().item()
+
+    before = agreement() if images is not None else None
+    if args.recalibrate_bn is not False and has_norms:
+        # removed channels change what every BatchNorm sees; its dense statistics can collapse the network
+        metrics["batchnorm_recalibration"] = {**recalibrate_batchnorm(model, calibration),
+                                              "source": calibration_source}
+    if images is not None:
+        metrics["top1_agreement"] = {"agreement": agreement(), "images": len(images),
                                      "source": "crops of scikit-learn's sample photographs (seed 0)"}
+        if "batchnorm_recalibration" in metrics:
+            metrics["top1_agreement"]["before_recalibration"] = before
     api.save(model, None, out, record, overwrite=args.overwrite)
     record["output"] = str(out)
     return record
@@ -316,6 +341,9 @@ def _run(args: argparse.Namespace) -> dict:
     if args.verb == "prune" and args.model in NETS_FOR_GRAPH:
         return _prune_net(args, progress)
     if args.verb == "prune":
+        if args.recalibrate_bn is not None:
+            raise PrunekitError(f"--recalibrate-bn applies to networks with BatchNorm ({', '.join(NETS_FOR_GRAPH)}), "
+                                f"not to {args.model}")
         args.method = args.method or "wanda"
         out = Path(args.out)
         encoder = is_encoder(args.model)
@@ -373,11 +401,20 @@ def _run(args: argparse.Namespace) -> dict:
         api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
         record["output"] = str(out)
         return record
+    if args.tokens is not None:
+        from prunekit.tokens import evaluate_tokens
+
+        if args.device is not None:
+            raise PrunekitError("--device does not apply to --tokens: token pruning is measured on the CPU")
+        return evaluate_tokens(args.model, args.tokens, data=args.data, seq_len=args.seq_len, windows=args.windows,
+                               batch_size=args.batch_size, continuation=args.continuation or 64, progress=progress)
+    if args.continuation is not None:
+        raise PrunekitError("--continuation applies to --tokens on decoders")
     seq_len, windows = args.seq_len or 512, 64 if args.windows is None else args.windows
     api.check_lengths(args.model, eval_seq_len=seq_len)
     loaded = load_causal_lm(args.model)
-    return api.evaluate(loaded.model, loaded.tokenizer, data=args.data, seq_len=seq_len,
-                        windows=windows or None, batch_size=args.batch_size, device=args.device,
+    return api.evaluate(loaded.model, loaded.tokenizer, data=args.data or "wiki-summaries", seq_len=seq_len,
+                        windows=windows or None, batch_size=args.batch_size or 4, device=args.device,
                         progress=progress, model_source=args.model)
 
 
@@ -424,6 +461,10 @@ def _speed_lines(speed: dict | None) -> list[str]:
 
 def _summary(record: dict) -> str:
     metrics, method = record["metrics"], record["method"]
+    if method["name"] == "tokens":
+        from prunekit.tokens.evaluate import summary
+
+        return summary(record)
     lines = [f"model      {record['model']['source']} ({record['model']['parameters']:,} parameters)"]
     if "weights" in record["model"]:
         lines.append(f"weights    {record['model']['weights']}")
@@ -435,8 +476,10 @@ def _summary(record: dict) -> str:
         lines += _speed_lines(metrics.get("speed"))
         if "top1_agreement" in metrics:
             agreement = metrics["top1_agreement"]
+            before = agreement.get("before_recalibration")
             lines.append(f"agreement  top-1 with the dense model {agreement['agreement']:.4f} on "
-                         f"{agreement['images']} {agreement['source']}")
+                         f"{agreement['images']} {agreement['source']}"
+                         + ("" if before is None else f" ({before:.4f} before BatchNorm recalibration)"))
         if evaluation and "embedding_fidelity" in metrics:
             fidelity = metrics["embedding_fidelity"]
             lines.append(f"embeddings mean cosine to dense {fidelity['mean_cosine']:.4f} (min "
