@@ -43,7 +43,7 @@ def _threads(one_thread):
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", tokens.METHODS)
+@pytest.mark.parametrize("method", tokens.ENCODER_METHODS)
 @pytest.mark.parametrize("budget", [{"r": 0}, {"keep": 1.0}])
 def test_no_reduction_is_bit_identical(implementation, method, budget):
     model = tiny_encoder(implementation)
@@ -60,7 +60,7 @@ def test_no_reduction_is_bit_identical(implementation, method, budget):
     handle.remove()
 
 
-@pytest.mark.parametrize("method", tokens.METHODS)
+@pytest.mark.parametrize("method", tokens.ENCODER_METHODS)
 def test_remove_restores_exactly(method):
     model = tiny_encoder()
     ids, mask = padded_batch()
@@ -95,7 +95,7 @@ def test_tome_sizes_and_source_partition_the_input():
     assert torch.equal(source[:, 0], torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), 24).bool())
 
 
-@pytest.mark.parametrize("method", ["random", "cls-attention"])
+@pytest.mark.parametrize("method", ["random", "cls-attention", "zero-tprune"])
 def test_pruning_keeps_cls_and_drops_into_nothing(method):
     model = tiny_encoder()
     ids, mask = padded_batch()
@@ -108,7 +108,7 @@ def test_pruning_keeps_cls_and_drops_into_nothing(method):
     assert torch.equal(handle.sizes, handle.mask.float())
 
 
-@pytest.mark.parametrize("method", tokens.METHODS)
+@pytest.mark.parametrize("method", tokens.ENCODER_METHODS)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("budget", [{"r": 2}, {"keep": 0.6}])
 def test_padded_batch_equals_single_examples(method, implementation, budget):
@@ -146,7 +146,7 @@ def test_left_padding_gives_the_same_tokens():
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", tokens.METHODS)
+@pytest.mark.parametrize("method", tokens.ENCODER_METHODS)
 def test_requested_token_counts_are_exact(method):
     model = tiny_encoder(layers=3)
     ids, mask = padded_batch([24, 20])
@@ -217,6 +217,53 @@ def test_merging_identical_tokens_is_exact_with_proportional_attention(implement
     assert handle.kept.flatten().tolist() == [4, 3]
     torch.testing.assert_close(out[:, 0], dense[:, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(handle.pool(out), dense.mean(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", tokens.ENCODER_METHODS)
+def test_unmerge_with_nothing_removed_is_the_identity(method):
+    model = tiny_encoder()
+    ids, mask = padded_batch()
+    handle = tokens.apply(model, method, r=0)
+    out = run(model, ids, mask)
+    unmerged = handle.unmerge(out, fill=-7.0)
+    assert unmerged.shape == out.shape
+    real = mask.bool()
+    assert torch.equal(unmerged[real], out[real])
+    assert (unmerged[~real] == -7.0).all()  # padding is held by no output token
+
+
+def test_unmerge_puts_every_input_position_back():
+    # Six copies of one word merge exactly (see above), so unmerging gives the dense output at every position.
+    model = tiny_encoder(layers=2)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+    ids, mask = torch.tensor([[1, 7, 7, 7, 7, 7, 7]]), torch.ones(1, 7, dtype=torch.long)
+    dense = run(model, ids, mask)
+    handle = tokens.apply(model, "tome", r=3)
+    out = run(model, ids, mask)
+    assert out.shape[1] == 3
+    torch.testing.assert_close(handle.unmerge(out), dense, atol=1e-5, rtol=1e-5)
+    # On a padded batch each input position reads the output token the source map gives it.
+    handle.remove()
+    ids, mask = padded_batch()
+    handle = tokens.apply(model, "tome", r=2)
+    out = run(model, ids, mask)
+    unmerged = handle.unmerge(out)
+    assert unmerged.shape == (4, 24, 32)
+    source = handle.source.float()  # (B, T', N)
+    torch.testing.assert_close(unmerged, torch.einsum("btn,btc->bnc", source, out))
+    with pytest.raises(PrunekitError, match="do not match the last forward"):
+        handle.unmerge(out[:, :-1])
+
+
+def test_unmerge_of_dropped_tokens_is_the_fill():
+    model = tiny_encoder()
+    ids, mask = padded_batch()
+    handle = tokens.apply(model, "cls-attention", r=3)
+    out = run(model, ids, mask)
+    unmerged = handle.unmerge(out, fill=float("nan"))
+    held = handle.source.any(1)
+    assert torch.isnan(unmerged[~held]).all() and not torch.isnan(unmerged[held]).any()
 
 
 def test_merged_rows_are_size_weighted_means():
@@ -326,16 +373,16 @@ def embeddings(model, batches, handle=None) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.mark.slow
-def test_tome_on_minilm_keeps_the_embeddings_and_beats_random(minilm_batches):
+def test_tome_on_minilm_keeps_the_embeddings_and_informed_methods_beat_random(minilm_batches):
     model, batches = minilm_batches
     dense, lengths = embeddings(model, batches)
     cosines = {}
-    for method in ("tome", "random"):
+    for method in tokens.ENCODER_METHODS:
         handle = tokens.apply(model, method, r=4)
         reduced, kept = embeddings(model, batches, handle)
         handle.remove()
         assert torch.equal(kept, lengths - 24)  # 4 tokens in each of the 6 blocks, every article being long
         cosines[method] = (reduced * dense).sum(1).mean().item()
     assert cosines["tome"] >= 0.95
-    assert cosines["tome"] > cosines["random"]
+    assert all(cosines[method] > cosines["random"] for method in ("tome", "zero-tprune", "cls-attention"))
     assert torch.equal(embeddings(model, batches)[0], dense)  # removed exactly

@@ -28,7 +28,7 @@ def run(model, x) -> torch.Tensor:
         return model(x)
 
 
-@pytest.mark.parametrize("method", tokens.METHODS)
+@pytest.mark.parametrize("method", tokens.ENCODER_METHODS)
 def test_no_reduction_is_bit_identical_and_remove_restores(method):
     model, x = vit(), images()
     dense, sha = run(model, x), weights_sha256(model)
@@ -79,3 +79,27 @@ def test_merging_identical_patches_is_exact():
 def test_patch_size_must_tile_the_image():
     with pytest.raises(PrunekitError, match="patch size 5"):
         VisionTransformer(patch=5)
+
+
+def last_block_tokens(model, x) -> torch.Tensor:
+    captured = []
+    hook = model.blocks[-1].register_forward_hook(lambda module, args, output: captured.append(output))
+    run(model, x)
+    hook.remove()
+    return captured[0]
+
+
+def test_unmerge_maps_patch_tokens_back():
+    model, x = vit(patch=7, depth=3), images()
+    dense = last_block_tokens(model, x)
+    handle = tokens.apply(model, "tome", r=0)
+    assert torch.equal(handle.unmerge(last_block_tokens(model, x)), dense)  # nothing merged: the identity
+    handle.remove()
+    handle = tokens.apply(model, "tome", r=3)
+    merged = last_block_tokens(model, x)
+    unmerged = handle.unmerge(merged)
+    assert merged.shape == (3, 8, 32) and unmerged.shape == (3, 17, 32)  # CLS and 16 patches, in their places
+    owner = handle.owner
+    for image in range(3):
+        for position in range(17):
+            assert torch.equal(unmerged[image, position], merged[image, owner[image, position]])

@@ -23,11 +23,13 @@ from torch import nn
 from prunekit.adapters import find_adapter
 from prunekit.errors import PrunekitError
 from prunekit.nets import VisionTransformer
-from prunekit.tokens import merge
+from prunekit.tokens import fastv, merge
 
-METHODS = ("tome", "random", "cls-attention")
+ENCODER_METHODS = ("tome", "zero-tprune", "cls-attention", "random")
+PAGERANK_ITERATIONS = 10  # on MiniLM (BBC News, 256 tokens) the less important half is that of 200 iterations
+METHODS = (*ENCODER_METHODS, "fastv")
 _ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")  # both accept an additive float mask
-_INSTALLED = "_prunekit_tokens"  # marks a block that carries a handle's forward
+_INSTALLED = fastv._INSTALLED  # marks a block that carries a handle's forward
 
 
 @dataclass
@@ -99,6 +101,20 @@ class TokenHandle:
         weight = self.sizes.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1e-9)
 
+    def unmerge(self, outputs: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-token outputs (B, T', ...) of the last forward mapped back to the input positions (B, N, ...), for
+        dense prediction: each input token gets the row of the output token that holds it (ToMe's unmerging through
+        the source map); input tokens that no output token holds (padding, or dropped by a pruning method) get
+        `fill`."""
+        state = self._last()
+        if outputs.shape[:2] != state.real.shape:
+            raise PrunekitError(f"outputs of shape {tuple(outputs.shape)} do not match the last forward's "
+                                f"{tuple(state.real.shape)} (batch, tokens); pass that forward's per-token outputs")
+        held = state.owner >= 0
+        shape = (*state.owner.shape, *([1] * (outputs.dim() - 2)))
+        index = state.owner.clamp_min(0).view(shape).expand(-1, -1, *outputs.shape[2:])
+        return outputs.gather(1, index).masked_fill(~held.view(shape), fill)
+
     def remove(self) -> None:
         """Take the token reduction off: the blocks get their class's forward back and the hooks go."""
         for hook in self._hooks:
@@ -155,34 +171,40 @@ class TokenHandle:
         """Merge or drop tokens of `x` (B, T, C) after block `layer`'s attention, whose logits had `bias` added."""
         state = self._state
         protected = merge.first_real(state.real)
-        wanted = self._count(layer, state.real)
         keys = self._captured.pop("key")
         query = self._captured.pop("query")
         if self.method == "tome":
-            # ToMe's metric: the keys averaged over heads (Sec. 3, "Token similarity"); a sum has the same cosines.
-            head_dim = keys.shape[-1] // heads
-            metric = keys @ torch.eye(head_dim, dtype=keys.dtype, device=keys.device).repeat(heads, 1)
-            count = torch.minimum(wanted, merge.max_merges(state.real, protected))
-            if int(count.max()) == 0:
-                state.kept.append(state.real.sum(1))
-                return x
+            limit = merge.max_merges(state.real, protected)
+        elif self.method == "zero-tprune":
+            limit = merge.max_similarity_prunes(state.real, protected)
+        else:
+            limit = (state.real & ~protected).sum(1)
+        count = torch.minimum(self._count(layer, state.real), limit)
+        if int(count.max()) == 0:
+            state.kept.append(state.real.sum(1))
+            return x
+        head_dim = keys.shape[-1] // heads
+        # ToMe's metric: the keys averaged over heads (Sec. 3, "Token similarity"); a sum has the same cosines.
+        metric = keys @ torch.eye(head_dim, dtype=keys.dtype, device=keys.device).repeat(heads, 1)
+        keys_by_head = keys.view(*keys.shape[:2], heads, head_dim).transpose(1, 2)
+        if self.method == "tome":
             src, dst, valid = merge.bipartite_soft_matching(metric, state.real, protected, count)
             rows, row_sizes = merge.merged_rows(x, state.sizes, src, dst, valid)
             owner = merge.follow(state.owner, src, torch.where(valid, dst, src), x.shape[1])
         else:
-            candidates = state.real & ~protected
-            count = torch.minimum(wanted, candidates.sum(1))
-            if int(count.max()) == 0:
-                state.kept.append(state.real.sum(1))
-                return x
-            if self.method == "random":
-                scores = self._random_scores(layer, state.real)
+            if self.method == "zero-tprune":
+                query_by_head = query.view(*query.shape[:2], heads, head_dim).transpose(1, 2)
+                graph = merge.attention_graph(query_by_head, keys_by_head, bias, scaling)
+                importance = merge.weighted_pagerank(graph, state.real, PAGERANK_ITERATIONS)
+                src, _, valid = merge.importance_guided_matching(metric, importance, state.real, protected, count)
             else:
-                head_dim = query.shape[-1] // heads
-                query_cls = query[torch.arange(query.shape[0]), protected.float().argmax(1)].view(-1, heads, head_dim)
-                keys_by_head = keys.view(*keys.shape[:2], heads, head_dim).transpose(1, 2)
-                scores = merge.cls_attention(query_cls, keys_by_head, bias, scaling)
-            src, valid = merge.lowest_ranked(scores.masked_fill(~candidates, torch.inf), count)
+                if self.method == "random":
+                    scores = self._random_scores(layer, state.real)
+                else:
+                    query_cls = query[torch.arange(query.shape[0]), protected.float().argmax(1)].view(-1, heads,
+                                                                                                    head_dim)
+                    scores = merge.cls_attention(query_cls, keys_by_head, bias, scaling)
+                src, valid = merge.lowest_ranked(scores.masked_fill(~(state.real & ~protected), torch.inf), count)
             owner = merge.follow(state.owner, src, torch.where(valid, -1, src), x.shape[1])
         keep = state.real & ~merge.chosen_mask(src, valid, x.shape[1])
         state.real, position, state.owner, x, state.sizes = merge.compact(keep, owner, x, state.sizes)
@@ -300,26 +322,72 @@ def _encoder_blocks(model: nn.Module) -> nn.ModuleList:
     return adapter.block_list(model)
 
 
-def apply(model: nn.Module, method: str = "tome", *, r: int | None = None, keep: float | None = None,
-          seed: int = 0) -> TokenHandle:
-    """Install token merging or pruning on `model` (this instance only) and return the handle that removes it.
-
-    model: a BERT-style encoder (Hugging Face, eager or sdpa attention) or a `prunekit.nets.VisionTransformer`.
-
-    method: 'tome' merges tokens by bipartite soft matching of the attention keys (Bolya et al. 2023) with
-        size-weighted averages and proportional attention; 'cls-attention' drops the tokens that receive the least
-        attention from CLS (EViT-style, without fusing them); 'random' drops random tokens (the baseline; `seed`).
-    r: tokens removed per block; keep: fraction of each example's tokens left after the last block, removed in
-        equal steps. The first real token (CLS) is never removed. A step asking more than an example has is
-        clamped per example (ToMe can merge at most the unprotected half of the tokens in one step), since the
-        examples of a padded batch differ in length; `handle.kept` reports what each block kept.
-    """
+def check_options(method: str, *, r: int | None = None, keep: float | None = None, seed: int = 0,
+                  layer: int | None = None, feather: bool = False) -> None:
+    """The checks of `apply` that need no model, so that a command line can fail before loading one."""
     if method not in METHODS:
         raise PrunekitError(f"unknown token method {method!r}; known: {', '.join(METHODS)}")
     _check_budget(r, keep)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise PrunekitError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(feather, bool):
+        raise PrunekitError(f"feather must be True or False, got {feather!r}")
+    if (layer is not None or feather) and method not in fastv.DECODER_METHODS:
+        raise PrunekitError(f"layer and feather are options of {', '.join(fastv.DECODER_METHODS)} on decoder LLMs; "
+                            f"got layer={layer!r}, feather={feather!r} for method {method!r}")
+    if layer is not None:
+        fastv.check_options(layer, r, keep)
+
+
+def apply(model: nn.Module, method: str = "tome", *, r: int | None = None, keep: float | None = None,
+          seed: int = 0, layer: int | None = None, feather: bool = False) -> TokenHandle | fastv.DecoderTokenHandle:
+    """Install token merging or pruning on `model` (this instance only) and return the handle that removes it.
+
+    model: a BERT-style encoder (Hugging Face, eager or sdpa attention) or a `prunekit.nets.VisionTransformer`;
+        for 'fastv' and 'random', also a Llama-style decoder LLM (full attention in every layer, eager or sdpa).
+
+    method: 'tome' merges tokens by bipartite soft matching of the attention keys (Bolya et al. 2023) with
+        size-weighted averages and proportional attention; 'cls-attention' drops the tokens that receive the least
+        attention from CLS (EViT-style, without fusing them); 'zero-tprune' ranks tokens by weighted PageRank over
+        the head-averaged attention graph and drops the less important tokens most similar to a more important
+        one (Wang et al. 2024; at most half of the unprotected tokens per block); 'random' drops random tokens
+        (the baseline; `seed`).
+    r: tokens removed per block; keep: fraction of each example's tokens left after the last block, removed in
+        equal steps. The first real token (CLS) is never removed. A step asking more than an example has is
+        clamped per example (ToMe can merge at most the unprotected half of the tokens in one step), since the
+        examples of a padded batch differ in length; `handle.kept` reports what each block kept.
+
+    On a decoder LLM ('fastv', or 'random' as its baseline) the prompt is pruned once, before block `layer`
+    (FastV's K, default 2), ranked by the attention of block K-1 from the last prompt token (`feather=True`: without
+    the rotary embedding, Endo et al. 2024); `keep` is the fraction of prompt tokens kept, `r` the number removed.
+    Returns a `prunekit.tokens.fastv.DecoderTokenHandle`.
+    """
+    check_options(method, r=r, keep=keep, seed=seed, layer=layer, feather=feather)
+    adapter = find_adapter(model)
+    if adapter is not None and adapter.causal:
+        return _apply_decoder(model, adapter, method, r, keep, seed, layer, feather)
+    if layer is not None or feather:
+        raise PrunekitError(f"layer and feather are FastV's options for decoder LLMs; got layer={layer!r}, "
+                            f"feather={feather!r} for {type(model).__name__}")
+    if method == "fastv":
+        raise PrunekitError(f"method 'fastv' prunes the prompts of Llama-style decoder LLMs; got "
+                            f"{type(model).__name__}; for encoders use one of: {', '.join(ENCODER_METHODS)}")
     family, blocks = _blocks(model)
     handle = TokenHandle(model, blocks, method, r, None if keep is None else float(keep), seed)
     handle._install(family)
+    return handle
+
+
+def _apply_decoder(model: nn.Module, adapter, method: str, r: int | None, keep: float | None, seed: int,
+                   layer: int | None, feather: bool) -> fastv.DecoderTokenHandle:
+    fastv.check_decoder(model, adapter, method)
+    layer = fastv.DEFAULT_LAYER if layer is None else layer
+    fastv.check_options(layer, r, keep)
+    blocks = adapter.block_list(model)
+    if any(hasattr(block, _INSTALLED) for block in blocks):
+        raise PrunekitError(f"{type(model).__name__} already has token reduction installed; call remove() on its "
+                            f"handle first")
+    handle = fastv.DecoderTokenHandle(model, blocks, adapter, method, layer, r,
+                                      None if keep is None else float(keep), feather, seed)
+    handle._install()
     return handle

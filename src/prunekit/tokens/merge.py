@@ -150,3 +150,61 @@ def reduction_schedule(lengths: torch.Tensor, layers: int, keep: float) -> torch
     steps = torch.arange(layers + 1, device=lengths.device).unsqueeze(1)
     cumulative = torch.div(total.unsqueeze(0) * steps, layers, rounding_mode="floor")
     return cumulative[1:] - cumulative[:-1]
+
+
+def attention_graph(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, T, T) the layer's attention probabilities averaged over heads: row i is how token i attends to every
+    token. query and keys (B, H, T, d), bias (B, T) the additive attention mask of the layer."""
+    # Scaling the queries and adding the bias in place halve the time of this (B, H, T, T) step on CPU.
+    logits = (query * scale) @ keys.transpose(2, 3)
+    logits += bias[:, None, None, :]
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def weighted_pagerank(attention: torch.Tensor, real: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Zero-TPrune's importance (Wang et al. 2024, Sec. 3.1, WPR): a token matters when tokens that matter attend
+    to it, s <- A^T s from the uniform distribution over each example's real tokens.
+
+    attention (B, T, T) row-stochastic (rows are queries), real (B, T). Returns (B, T) scores that sum to one per
+    example and are zero on padding (padding receives no attention, and its own rows start at zero weight).
+    """
+    scores = real.to(attention.dtype) / real.sum(1, keepdim=True).clamp_min(1)
+    for _ in range(iterations):
+        scores = (scores.unsqueeze(1) @ attention).squeeze(1) * real
+    return scores
+
+
+def max_similarity_prunes(real: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """(B,) the most tokens Zero-TPrune's similarity stage can remove in one step: the less important half of the
+    unprotected tokens (the other half are their possible matches)."""
+    return torch.div((real & ~protected).sum(1), 2, rounding_mode="floor")
+
+
+def importance_guided_matching(
+    metric: torch.Tensor, importance: torch.Tensor, real: torch.Tensor, protected: torch.Tensor, r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-TPrune's similarity stage (Sec. 3.2): the unprotected tokens split by importance into the more
+    important half (B set, ceil) and the less important half (A set); each A token's match is the B token of
+    highest cosine similarity of `metric` (B, T, C), and the `r[b]` A tokens most similar to their match go (they
+    are redundant next to a token that matters more). Ties go to the more important (then earlier) token.
+
+    Returns (B, R) tensors like `bipartite_soft_matching`: `src` the removed tokens, `dst` their matches, `valid`.
+    """
+    candidates = real & ~protected
+    order = torch.sort(-importance.masked_fill(~candidates, -torch.inf), dim=1, stable=True).indices
+    count = candidates.sum(1, keepdim=True)
+    rank = torch.arange(real.shape[1], device=real.device)
+    b_size = count - count // 2
+    b_index, b_valid = order[:, :int(b_size.max())], rank[:int(b_size.max())] < b_size
+    a_width = int((count // 2).max())
+    # Row b's A tokens sit at ranks b_size[b] .. count[b] - 1 of its order.
+    a_rank = (b_size + rank[:a_width]).clamp_max(real.shape[1] - 1)
+    a_index, a_valid = order.gather(1, a_rank), rank[:a_width] < count // 2
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    channels = metric.shape[-1]
+    metric_a = metric.gather(1, a_index.unsqueeze(-1).expand(-1, -1, channels))
+    metric_b = metric.gather(1, b_index.unsqueeze(-1).expand(-1, -1, channels))
+    scores = (metric_a @ metric_b.transpose(1, 2)).masked_fill(~b_valid.unsqueeze(1), -torch.inf)
+    best, match = scores.max(dim=-1)
+    chosen, valid = lowest_ranked(-best.masked_fill(~a_valid, -torch.inf), r)
+    return a_index.gather(1, chosen), b_index.gather(1, match.gather(1, chosen)), valid
