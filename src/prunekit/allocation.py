@@ -21,7 +21,12 @@ within one weight. Selection within a layer is over the whole tensor, so the lay
 - `owl`: outlier-weighted layer-wise sparsity (Yin et al. 2024, Sec. 4): layers with a larger share of outlier
   scores (above `owl_threshold` times the layer's mean score) are pruned less, by up to `owl_limit` around the
   target. One-shot pruning measures the outliers of each block's Wanda scores on calibration data, as the paper
-  does; `allocate` measures them on the scores it is given (|w| for magnitude pruning).
+  does; `allocate` measures them on the scores it is given (|w| for magnitude pruning). With an N:M pattern,
+  `owl_nm_patterns` gives each block its own N of every M instead (Yin et al. 2024, Sec. 5, N:M sparsity).
+- `ecoflap`: layer-wise sparsity from each layer's importance (Sung et al. 2024, Sec. 3.2), more important layers
+  pruned less, by up to `OWL_LIMIT` around the target (`ecoflap_sparsities`). One-shot pruning measures a block's
+  importance forward-only, by ECoFLaP's zeroth-order estimate (`prunekit.weights.ecoflap`); `allocate` takes a
+  layer's importance to be the mean of the scores it is given (ECoFLaP's |w ⊙ ∇L| when given Taylor scores).
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from prunekit.budget import check_sparsity
+from prunekit.budget import Pattern, check_sparsity
 from prunekit.errors import PrunekitError
 from prunekit.names import ALLOCATIONS, ONESHOT_ALLOCATIONS
 from prunekit.select import fraction_count, global_lowest_masks, largest_remainder, lowest_count_mask, lowest_mask
 
 __all__ = ["ALLOCATIONS", "ONESHOT_ALLOCATIONS", "allocate", "block_sparsities", "check_allocation",
-           "erk_densities", "lamp_scores", "outlier_ratio", "owl_sparsities"]
+           "ecoflap_sparsities", "erk_densities", "lamp_scores", "outlier_ratio", "owl_nm_patterns",
+           "owl_sparsities"]
 
 OWL_THRESHOLD = 5.0  # the paper's outlier multiple M
 OWL_LIMIT = 0.08  # the paper's largest deviation lambda
@@ -139,6 +145,55 @@ def owl_sparsities(
     return [check_sparsity(s, "OWL layer sparsity") for s in result]
 
 
+def owl_nm_patterns(outlier_ratios: Sequence[float], pattern: Pattern, limit: float,
+                    sizes: Sequence[int] | None = None) -> list[Pattern]:
+    """OWL's allocation with N:M sparsity (Yin et al. 2024, Sec. 5): each block keeps its own N_b of every M, more
+    for blocks with more outliers, with the mean N_b exactly the target's N, so that the blocks together keep N/M.
+
+    The family is N - d .. N + d with d = max(1, round(limit * M)) (one step by default: {1:4, 2:4, 3:4} around 2:4,
+    {3:8, 4:8, 5:8} around 4:8; limit 0.25 gives 2:8 .. 6:8), narrowed so that 1 <= N_b <= M - 1. N_b follows the
+    outlier ratio linearly between the ends of the family and is rounded to whole numbers that sum to the target
+    (largest remainders). Blocks must be equal in size (every decoder's are) for the mean to be exact.
+    """
+    if not pattern.is_nm:
+        raise PrunekitError(f"OWL's N:M allocation needs an N:M pattern, got {pattern}")
+    if sizes is not None and len(set(sizes)) > 1:
+        raise PrunekitError(f"OWL's N:M allocation needs blocks of equal size to keep the mean exact; got sizes from "
+                            f"{min(sizes)} to {max(sizes)}")
+    n, m = pattern.n, pattern.m
+    ratios = np.asarray(list(outlier_ratios), dtype=np.float64)
+    step = min(max(1, round(limit * m)), n - 1, m - n - 1)
+    spread = ratios.max() - ratios.min() if len(ratios) else 0.0
+    if step < 1 or spread == 0:
+        return [pattern] * len(ratios)
+    exact = n - step + 2 * step * (ratios - ratios.min()) / spread
+    exact = np.clip(exact + n - exact.mean(), n - step, n + step)
+    counts = np.floor(exact).astype(np.int64)
+    # whole units still missing (or in excess) go to the largest (leave the smallest) remainders, within the family
+    missing = len(ratios) * n - int(counts.sum())
+    while missing:
+        room = counts < n + step if missing > 0 else counts > n - step
+        remainder = np.where(room, exact - counts, -np.inf if missing > 0 else np.inf)
+        chosen = int(np.argmax(remainder)) if missing > 0 else int(np.argmin(remainder))
+        counts[chosen] += 1 if missing > 0 else -1
+        missing += -1 if missing > 0 else 1
+    return [Pattern(int(k), m) for k in counts]
+
+
+def ecoflap_sparsities(
+    block_scores: Sequence[float], sparsity: float, limit: float, sizes: Sequence[int] | None = None
+) -> list[float]:
+    """Block sparsities from ECoFLaP's zeroth-order block importance (Sung et al. 2024, Sec. 3.2): a block's
+    sparsity falls linearly in its score, by at most `limit` either side of the target, centred so that the
+    parameter-weighted mean is `sparsity` exactly; the same bounded map OWL applies to its outlier ratios (ECoFLaP's
+    own maps scores to sparsities with a maximum-sparsity cap; a bounded linear map keeps the two allocations
+    comparable and never empties a block)."""
+    scores = [float(s) for s in block_scores]
+    if not all(math.isfinite(s) and s >= 0 for s in scores):
+        raise PrunekitError(f"ECoFLaP block scores must be finite and >= 0, got {scores}")
+    return owl_sparsities(scores, sparsity, limit, sizes)
+
+
 def _owl_masks(scores: Mapping[str, torch.Tensor], sparsity: float, count: int, threshold: float,
                limit: float) -> dict[str, torch.Tensor]:
     # Capped so that every layer stays in [0, 1): schedules pass through targets smaller than the paper's lambda.
@@ -182,6 +237,15 @@ def allocate(scores: Mapping[str, torch.Tensor], sparsity: float, allocation: st
         return global_lowest_masks({n: lamp_scores(s) for n, s in scores.items()}, count)
     if allocation == "global-min":
         return _global_min(scores, count, min_density)
+    if allocation == "ecoflap":
+        if count == 0:
+            return {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+        limit = min(OWL_LIMIT, sparsity / 2, (1 - sparsity) / 2 * 0.999)  # every layer stays in [0, 1), as OWL's
+        sizes = [s.numel() for s in scores.values()]
+        importance = [float(s.detach().double().mean()) for s in scores.values()]
+        layer_sparsities = ecoflap_sparsities(importance, sparsity, limit, sizes)
+        counts = largest_remainder(count, [s * n for s, n in zip(layer_sparsities, sizes, strict=True)])
+        return {n: lowest_count_mask(s, int(k)) for (n, s), k in zip(scores.items(), counts, strict=True)}
     if allocation == "owl":
         threshold = OWL_THRESHOLD if owl_threshold is None else owl_threshold
         limit = OWL_LIMIT if owl_limit is None else owl_limit

@@ -19,7 +19,9 @@ from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, spar
 from prunekit.measure.protocol import result_record, weights_sha256
 from prunekit.structure import prune_structure, saved_widths
 from prunekit.targets import projection_weights, target_weights
+from prunekit.weights.ecoflap import check_ecoflap_options, ecoflap_plan
 from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
+from prunekit.weights.gradients import calibration_gradients
 from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
 from prunekit.weights.scores import magnitude_scores
 
@@ -59,19 +61,22 @@ def evaluate(
 
 def check_prune_options(
     method: str, sparsity: float | None, pattern: str | None, allocation: str, blocksize: int = 128,
-    damping: float = 0.01,
+    damping: float = 0.01, *, admm_rho: float = 1.0, admm_iterations: int = 20, dsnot_cycles: int = 50,
+    ecoflap_directions: int = 2, ecoflap_epsilon: float = 1e-3,
 ) -> tuple[WeightMethod, WeightBudget]:
     """Validate the model-independent options of `prune`, so that callers can fail before loading a model."""
     method_spec = get_method(method)
     budget = weight_budget(sparsity, pattern)
     check_allocation(allocation, ONESHOT_ALLOCATIONS, "one-shot pruning (erk and er depend only on shapes, equal "
                      "in every block; global-min is for training-time pruning)")
-    if allocation != "uniform" and budget.pattern.is_nm:
+    if allocation not in ("uniform", "owl") and budget.pattern.is_nm:
         raise PrunekitError(f"{allocation.upper()} allocates a different sparsity to each block, but pattern "
                             f"{budget.pattern} fixes every layer at the same sparsity; use an unstructured sparsity "
                             f"with --allocation {allocation}")
     if blocksize < 1 or not 0 <= damping < 1:
         raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
+    PruneOptions(admm_rho=admm_rho, admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles)
+    check_ecoflap_options(ecoflap_directions, ecoflap_epsilon)
     return method_spec, budget
 
 
@@ -93,6 +98,9 @@ def prune(
     damping: float = 0.01,
     admm_rho: float = 1.0,
     admm_iterations: int = 20,
+    dsnot_cycles: int = 50,
+    ecoflap_directions: int = 2,
+    ecoflap_epsilon: float = 1e-3,
     evaluation=None,
     eval_seq_len: int = 512,
     eval_windows: int | None = 64,
@@ -128,7 +136,10 @@ def prune(
     Every option is checked before any weight changes. An error found while pruning (non-finite activations
     in a later block) leaves the blocks before it pruned: reload the model before retrying.
     """
-    method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping)
+    method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping,
+                                              admm_rho=admm_rho, admm_iterations=admm_iterations,
+                                              dsnot_cycles=dsnot_cycles, ecoflap_directions=ecoflap_directions,
+                                              ecoflap_epsilon=ecoflap_epsilon)
     check_lengths(model, calibration_seq_len=None if isinstance(calibration, torch.Tensor) else calibration_seq_len,
                   eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
                   batch_size=batch_size)
@@ -145,8 +156,9 @@ def prune(
     compute = compute_device(model, device)
     activations = torch.device("cpu") if next(model.parameters()).device.type == "cpu" else compute
     options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping, admm_rho=admm_rho,
-                           admm_iterations=admm_iterations)
-    needs_calibration = method_spec.statistics is not None or allocation == "owl"
+                           admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles)
+    needs_calibration = method_spec.statistics is not None or allocation in ("owl", "ecoflap")
+    calibrated = method_spec.statistics in ("norms", "hessian")
     calib = None
     if needs_calibration:
         calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples,
@@ -173,15 +185,22 @@ def prune(
         with ResourceMonitor() as monitor:
             if allocation == "owl":
                 plan = owl_plan(model, adapter, block_inputs(), sparsity=budget.sparsity, threshold=owl_threshold,
-                                limit=owl_limit, device=compute, progress=progress)
+                                limit=owl_limit, device=compute, progress=progress, pattern=budget.pattern)
+            elif allocation == "ecoflap":
+                plan = ecoflap_plan(model, adapter, calib.ids, sparsity=budget.sparsity, limit=owl_limit,
+                                    directions=ecoflap_directions, epsilon=ecoflap_epsilon, seed=seed,
+                                    batch_size=batch_size, progress=progress)
             elif allocation != "uniform":
                 magnitudes = [{n: magnitude_scores(projection_weight(m)) for n, m in adapter.projections(b).items()}
                               for b in adapter.block_list(model)]
                 plan = BlockPlan(block_sparsities(magnitudes, budget.sparsity, allocation))
+            gradients = (calibration_gradients(model, adapter, calib.ids, progress=progress)
+                         if method_spec.statistics == "gradients" else None)
             masks = prune_sequentially(model, adapter, method_spec, sparsities=plan.sparsities,
-                                       pattern=budget.pattern,
-                                       inputs=block_inputs() if method_spec.statistics is not None else None,
-                                       options=options, device=compute, progress=progress, keep_masks=return_masks)
+                                       pattern=plan.patterns or budget.pattern,
+                                       inputs=block_inputs() if calibrated else None,
+                                       options=options, device=compute, progress=progress, keep_masks=return_masks,
+                                       gradients=gradients)
     finally:
         model.train(was_training)
 
@@ -204,6 +223,12 @@ def prune(
     if allocation == "owl":
         method_card.update(owl_threshold=owl_threshold, owl_limit=owl_limit,
                            owl_block_sparsities=plan.sparsities, owl_outlier_ratios=plan.outlier_ratios)
+        if plan.patterns:
+            method_card["owl_block_patterns"] = [str(p) for p in plan.patterns]
+    elif allocation == "ecoflap":
+        method_card.update(owl_limit=owl_limit, ecoflap_directions=ecoflap_directions,
+                           ecoflap_epsilon=ecoflap_epsilon, block_sparsities=plan.sparsities,
+                           ecoflap_block_scores=plan.block_scores)
     elif allocation != "uniform":
         method_card["block_sparsities"] = plan.sparsities
     record = result_record(

@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=count(2), default=None,
                    help="tokens per calibration sequence (default 512; encoders 128)")
     p.add_argument("--seed", type=count(0), default=0, help="seed for calibration sampling and random scores")
+    p.add_argument("--admm-rho", type=float, default=None, help="ADMM methods: penalty rho (default 1)")
+    p.add_argument("--admm-iterations", type=count(0), default=None,
+                   help="ADMM methods: iterations (default 20; 0 = no update)")
+    p.add_argument("--dsnot-cycles", type=count(0), default=None,
+                   help="+dsnot methods: most prune-and-grow swaps per output row (default 50; 0 = none)")
+    p.add_argument("--ecoflap-directions", type=count(1), default=None,
+                   help="--allocation ecoflap: random directions per block (default 2; 2 forward passes each)")
+    p.add_argument("--ecoflap-epsilon", type=float, default=None,
+                   help="--allocation ecoflap: perturbation, relative to each weight (default 0.001)")
     p.add_argument("--blocksize", type=count(1), default=128, help="SparseGPT lazy-update block (default 128)")
     p.add_argument("--damping", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--batch-size", type=count(1), default=8, help="calibration sequences per forward (default 8)")
@@ -199,7 +208,13 @@ def _graph(args: argparse.Namespace) -> dict:
 
 OBJECTS = ("weights", "structures", "blocks")
 # Options that apply to one object only; giving one for another object is refused, never silently ignored.
-_OPTIONS_OF = {"weights": ("sparsity", "pattern"),
+# the options of one method or allocation of weights, each refused where it would do nothing
+_WEIGHT_OPTIONS = {"admm_rho": ("ADMM methods", lambda a: "admm" in a.method),
+                   "admm_iterations": ("ADMM methods", lambda a: "admm" in a.method),
+                   "dsnot_cycles": ("+dsnot methods", lambda a: a.method.endswith("+dsnot")),
+                   "ecoflap_directions": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap"),
+                   "ecoflap_epsilon": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap")}
+_OPTIONS_OF = {"weights": ("sparsity", "pattern", *_WEIGHT_OPTIONS),
                "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed"),
                "blocks": ("remove", "blocks", "unit", "merge")}
 
@@ -358,9 +373,16 @@ def _run(args: argparse.Namespace) -> dict:
                         "evaluation file": _local_path(evaluation)}, {"output directory": out})
         check_output_dir(out, args.overwrite)
         kind = _prune_object(args)
+        weight_options = {option: getattr(args, option) for option in _WEIGHT_OPTIONS
+                          if getattr(args, option) is not None}
         if kind == "weights":
+            for option in weight_options:
+                applies_to, applies = _WEIGHT_OPTIONS[option]
+                if not applies(args):
+                    raise PrunekitError(f"--{option.replace('_', '-')} applies to {applies_to}, not to method "
+                                        f"'{args.method}' with --allocation {args.allocation}")
             api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation, args.blocksize,
-                                    args.damping)
+                                    args.damping, **weight_options)
         elif kind == "structures":
             units = _units(args.units)
             check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
@@ -397,7 +419,7 @@ def _run(args: argparse.Namespace) -> dict:
             record = api.prune(
                 loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                 allocation=args.allocation, owl_threshold=args.owl_threshold, owl_limit=args.owl_limit,
-                blocksize=args.blocksize, damping=args.damping, device=args.device, **common)
+                blocksize=args.blocksize, damping=args.damping, device=args.device, **weight_options, **common)
         api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
         record["output"] = str(out)
         return record

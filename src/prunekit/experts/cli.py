@@ -15,10 +15,8 @@ from pathlib import Path
 
 from prunekit.artifacts.files import check_distinct, check_output_dir
 from prunekit.cli import count
-
-# prunekit.experts.CRITERIA and INSIDE_METHODS, without importing torch for the parser
-CRITERIA = ("frequency", "gate", "reconstruction", "router_norm", "random")
-INSIDE_METHODS = ("moe_pruner", "wanda")
+from prunekit.names import EXPERT_CRITERIA as CRITERIA
+from prunekit.names import EXPERT_INSIDE_METHODS as INSIDE_METHODS
 
 
 def _remove(text: str) -> int | float:

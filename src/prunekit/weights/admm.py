@@ -19,6 +19,8 @@ Gupta (2017), and then holds it fixed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from prunekit.budget import Pattern
@@ -26,16 +28,20 @@ from prunekit.errors import PrunekitError
 from prunekit.select import nm_mask, row_mask
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_admm_options(rho: float, iterations: int, ramp: int, damping: float) -> None:
     """Refuse ADMM settings that cannot run, before anything changes."""
-    if not rho > 0:
-        raise PrunekitError(f"ADMM penalty rho {rho} must be > 0")
+    if not _is_real(rho) or not rho > 0:
+        raise PrunekitError(f"ADMM penalty rho {rho!r} must be a finite number > 0")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise PrunekitError(f"ADMM iterations {iterations!r} must be a whole number >= 0")
     if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 1:
         raise PrunekitError(f"ADMM mask ramp {ramp!r} must be a whole number of iterations >= 1")
-    if not 0 <= damping < 1:
-        raise PrunekitError(f"ADMM damping {damping} must be in [0, 1)")
+    if not _is_real(damping) or not 0 <= damping < 1:
+        raise PrunekitError(f"ADMM damping {damping!r} must be a number in [0, 1)")
 
 
 class _Preconditioned:

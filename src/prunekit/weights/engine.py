@@ -15,7 +15,7 @@ asked, in the form `prunekit.training.Masks` takes, so that the zeros can be hel
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -26,7 +26,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from prunekit.adapters import Adapter, is_conv1d, projection_weight, set_projection_weight
-from prunekit.allocation import outlier_ratio, owl_sparsities
+from prunekit.allocation import outlier_ratio, owl_nm_patterns, owl_sparsities
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
 from prunekit.weights.methods import PruneOptions, WeightMethod
@@ -300,17 +300,21 @@ class InputGroups:
 
 @dataclass
 class BlockPlan:
-    """The sparsity each block gets (uniform, or OWL's outlier-weighted allocation)."""
+    """The sparsity each block gets (uniform, OWL's outlier-weighted or ECoFLaP's allocation), and with OWL's N:M
+    allocation each block's own pattern (`prune_sequentially` takes `patterns or` the one pattern)."""
 
     sparsities: list[float]
     outlier_ratios: list[float] | None = None
+    patterns: list[Pattern] | None = None
+    block_scores: list[float] | None = None
 
 
 def owl_plan(
     model: nn.Module, adapter: Adapter, inputs: list[BlockInput], *, sparsity: float, threshold: float,
-    limit: float, device: torch.device, progress: bool,
+    limit: float, device: torch.device, progress: bool, pattern: Pattern | None = None,
 ) -> BlockPlan:
-    """Outlier ratios of the dense model's Wanda scores per block, then OWL's layer-wise sparsities."""
+    """Outlier ratios of the dense model's Wanda scores per block, then OWL's layer-wise sparsities; with an N:M
+    `pattern`, each block's own N:M pattern (`owl_nm_patterns`) and the sparsity it implies."""
     blocks = adapter.block_list(model)
     ratios, sizes = [], []
     for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=not progress)):
@@ -327,6 +331,9 @@ def owl_plan(
         ratios.append(outlier_ratio(scores, threshold))
         sizes.append(sum(s.numel() for s in scores))
         block.to(home)
+    if pattern is not None and pattern.is_nm:
+        patterns = owl_nm_patterns(ratios, pattern, limit, sizes)
+        return BlockPlan([p.sparsity for p in patterns], ratios, patterns)
     return BlockPlan(owl_sparsities(ratios, sparsity, limit, sizes), ratios)
 
 
@@ -336,42 +343,55 @@ def _parameter_layout(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
 
 
 def prune_sequentially(
-    model: nn.Module, adapter: Adapter, method: WeightMethod, *, sparsities: list[float], pattern: Pattern,
-    inputs: list[BlockInput] | None, options: PruneOptions, device: torch.device, progress: bool,
-    keep_masks: bool = False,
+    model: nn.Module, adapter: Adapter, method: WeightMethod, *, sparsities: list[float],
+    pattern: Pattern | Sequence[Pattern], inputs: list[BlockInput] | None, options: PruneOptions,
+    device: torch.device, progress: bool, keep_masks: bool = False, gradients: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune every block in order, calibrating each on the outputs of the already pruned blocks before it.
 
-    Each input group is decided by `method` (masks, and updated weights for reconstruction), then applied. With
-    `keep_masks`, returns the keep-mask of every targeted weight by its parameter name (`<block prefix>.<i>.
+    `pattern` is one for all blocks, or one per block (OWL's N:M allocation, `owl_nm_patterns`). A method with
+    statistics "gradients" (Pruner-Zero) needs `gradients`, by parameter name (`calibration_gradients`), and no
+    `inputs`. Each input group is decided by `method` (masks, and updated weights for reconstruction), then applied.
+    With `keep_masks`, returns the keep-mask of every targeted weight by its parameter name (`<block prefix>.<i>.
     self_attn.q_proj.weight`), boolean, in the parameter's layout and on its device: the form
     `prunekit.training.Masks` takes. A block left dense (sparsity 0) has all-True masks. Otherwise returns {}.
     """
     blocks = adapter.block_list(model)
     prefix = adapter.block_prefix(model)
+    patterns = [pattern] * len(blocks) if isinstance(pattern, Pattern) else list(pattern)
+    if len(patterns) != len(blocks):
+        raise PrunekitError(f"got {len(patterns)} patterns for {len(blocks)} blocks; give one, or one per block")
+    calibrated = method.statistics in ("norms", "hessian")
+    if method.statistics == "gradients" and gradients is None:
+        raise PrunekitError(f"method '{method.name}' scores with gradients of the calibration loss; pass "
+                            "gradients=calibration_gradients(...)")
     masks: dict[str, torch.Tensor] = {}
-    bar = tqdm(blocks, desc=f"{method.name} {pattern if pattern.is_nm else 'unstructured'}", unit="block",
-               disable=not progress)
+    label = str(pattern) if isinstance(pattern, Pattern) else "N:M per block"
+    bar = tqdm(blocks, desc=f"{method.name} {label}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
         home = next(block.parameters()).device
         block.to(device)
         groups = InputGroups(adapter, block, hessian=method.statistics == "hessian", device=device)
         # sparsity 0 is a no-op: SparseGPT would otherwise still zero the weights of inputs that never fire
-        active = pattern.is_nm or sparsities[index] > 0
-        if method.statistics is not None and active:
+        active = patterns[index].is_nm or sparsities[index] > 0
+        if calibrated and active:
             groups.calibrate(block, index, inputs, device)
         decided: dict[str, torch.Tensor] = {}
         for ordinal, group in enumerate(groups.groups if active else ()):
             modules = [groups.projections[name] for name in group]
             generator = torch.Generator(device=device).manual_seed(options.seed * 1_000_003 + index * 1009 + ordinal)
-            stats = groups.stats[group] if method.statistics is not None else None
+            if method.statistics == "gradients":  # one gradient per weight, [out, in] like the weight
+                stats = [_parameter_layout(m, gradients[f"{prefix}.{index}.{n}.weight"]).to(device)
+                         for n, m in zip(group, modules, strict=True)]
+            else:
+                stats = groups.stats[group] if calibrated else None
             weights = [projection_weight(m) for m in modules]
-            decision = method.prune_group(weights, stats, sparsities[index], pattern, options, generator)
+            decision = method.prune_group(weights, stats, sparsities[index], patterns[index], options, generator)
             for name, module, pruned, keep in zip(group, modules, decision.pruned(weights), decision.masks,
                                                   strict=True):
                 set_projection_weight(module, pruned)
                 decided[name] = keep
-        if method.statistics is not None and index + 1 < len(blocks):
+        if calibrated and index + 1 < len(blocks):
             inputs = run_block(block, index, inputs, device)
             for i, item in enumerate(inputs):
                 _check_finite(item.hidden, f"leaving block {index} (calibration batch {i})")

@@ -1,9 +1,10 @@
 """One-shot weight pruning methods: each is scores -> selection, or a reconstruction kernel.
 
 A method decides for the projections of one *input group* (projections that read the same input, such as q, k and
-v) given the calibration statistics of that input; methods that need no calibration get `stats=None`. It returns a
-`GroupDecision` (keep-masks, and updated weights for reconstruction methods) and changes nothing: applying the
-decision is the engine's separate step.
+v) given the calibration statistics of that input (statistics "norms" or "hessian": an `InputStats`; "gradients":
+the gradient of the calibration loss for each weight, [out, in]); methods that need no calibration get `stats=None`.
+It returns a `GroupDecision` (keep-masks, and updated weights for reconstruction methods) and changes nothing:
+applying the decision is the engine's separate step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
 from prunekit.select import select_mask
 from prunekit.weights.admm import admm_prune, admm_update, check_admm_options
-from prunekit.weights.scores import magnitude_scores, random_scores, ria_scores, wanda_scores
+from prunekit.weights.dsnot import DSNOT_CYCLES, check_dsnot_options, dsnot_refine
+from prunekit.weights.scores import magnitude_scores, pruner_zero_scores, random_scores, ria_scores, wanda_scores
 from prunekit.weights.sparsegpt import sparsegpt_prune
 from prunekit.weights.stats import InputStats
 
@@ -31,6 +33,7 @@ class PruneOptions:
     damping: SparseGPT's dampening, a fraction of the mean Hessian diagonal added to it (paper: 0.01).
     admm_rho, admm_iterations, admm_ramp, admm_damping: ADMM's penalty, its number of iterations, the iterations
         over which its gradual mask reaches the target, and its dampening (Boža 2024 use 1, 20, 15 and 0.1).
+    dsnot_cycles: the most prune-and-grow swaps DSnoT makes per output row (Zhang et al. 2024 use 50).
     """
 
     seed: int = 0
@@ -40,14 +43,16 @@ class PruneOptions:
     admm_iterations: int = 20
     admm_ramp: int = 15
     admm_damping: float = 0.1
+    dsnot_cycles: int = DSNOT_CYCLES
 
     def __post_init__(self) -> None:
         check_admm_options(self.admm_rho, self.admm_iterations, self.admm_ramp, self.admm_damping)
+        check_dsnot_options(self.dsnot_cycles)
 
     def as_dict(self) -> dict:
         return {"seed": self.seed, "blocksize": self.blocksize, "damping": self.damping, "admm_rho": self.admm_rho,
                 "admm_iterations": self.admm_iterations, "admm_ramp": self.admm_ramp,
-                "admm_damping": self.admm_damping}
+                "admm_damping": self.admm_damping, "dsnot_cycles": self.dsnot_cycles}
 
 
 @dataclass
@@ -79,7 +84,7 @@ class WeightMethod:
     """A named method: which calibration statistics it needs and how it decides for one input group."""
 
     name: str
-    statistics: str | None  # None, "norms" or "hessian"
+    statistics: str | None  # None, "norms", "hessian" or "gradients"
     comparison: str  # where unstructured scores compete: "row" or "layer"
     prune_group: GroupPruner = field(repr=False)
     summary: str = ""
@@ -125,6 +130,22 @@ def admm_updated(method: WeightMethod) -> WeightMethod:
                         f"{method.summary}, then the ADMM weight update (Boža 2024)")
 
 
+def dsnot_refined(method: WeightMethod) -> WeightMethod:
+    """`method`'s decision, then DSnoT's prune-and-grow swaps on its mask (Zhang et al. 2024); weights a
+    reconstruction method updated keep their values, grown weights take their dense values."""
+
+    def prune_group(weights, stats, sparsity, pattern, options, generator):
+        decision = method.prune_group(weights, stats, sparsity, pattern, options, generator)
+        refined = [dsnot_refine(w, pruned, keep, mean=stats.mean, variance=stats.variance, norms=stats.norms,
+                                pattern=pattern, cycles=options.dsnot_cycles, hessian=stats.hessian)
+                   for w, pruned, keep in zip(weights, decision.pruned(weights), decision.masks, strict=True)]
+        return GroupDecision([keep for _, keep in refined], [w for w, _ in refined])
+
+    # the Hessian lets DSnoT skip any swap that would raise a layer's exact reconstruction error
+    return WeightMethod(f"{method.name}+dsnot", "hessian", method.comparison, prune_group,
+                        f"{method.summary}, then DSnoT's training-free prune-and-grow (Zhang et al. 2024)")
+
+
 _SCORED = (
     scored_method("magnitude", None, "layer", lambda w, s, g: magnitude_scores(w), "|W|, lowest removed per layer"),
     scored_method("random", None, "layer", lambda w, s, g: random_scores(w, g),
@@ -137,15 +158,27 @@ _SCORED = (
                   "relative importance * ||X||^0.5, lowest removed per output row (Zhang et al. 2024)"),
 )
 
+def _pruner_zero_group(weights, gradients, sparsity, pattern, options, generator):
+    return GroupDecision([select_mask(pruner_zero_scores(w, g), sparsity, pattern, "row")
+                          for w, g in zip(weights, gradients, strict=True)])
+
+
+_SPARSEGPT = WeightMethod("sparsegpt", "hessian", "block", _sparsegpt_group,
+                          "OBS reconstruction with lazy column blocks (Frantar & Alistarh 2023)")
+_ADMM = WeightMethod("admm", "hessian", "row", _admm_group,
+                     "ADMM reconstruction with gradual mask selection by Wanda's score (Boža 2024)")
+
 METHODS: dict[str, WeightMethod] = {
     m.name: m
     for m in (
         *_SCORED,
-        WeightMethod("sparsegpt", "hessian", "block", _sparsegpt_group,
-                     "OBS reconstruction with lazy column blocks (Frantar & Alistarh 2023)"),
-        WeightMethod("admm", "hessian", "row", _admm_group,
-                     "ADMM reconstruction with gradual mask selection by Wanda's score (Boža 2024)"),
+        _SPARSEGPT,
+        _ADMM,
         *(admm_updated(m) for m in _SCORED if m.name != "random"),
+        *(dsnot_refined(m) for m in (*_SCORED, _SPARSEGPT, _ADMM) if m.name != "random"),
+        # Pruner-Zero's reference code builds on Wanda's and compares per output row
+        WeightMethod("pruner-zero", "gradients", "row", _pruner_zero_group,
+                     "|W*W| * min-max-scaled |gradient of the calibration loss| (Dong et al. 2024)"),
     )
 }
 
