@@ -39,7 +39,7 @@ bench-llm: setup
 
 # Structured pruning beside Torch-Pruning (SmolLM2; latency columns need an otherwise idle machine).
 bench-structure: setup
-	nice -n 10 $(BIN)/python bench/structure.py
+	$(BIN)/python bench/structure.py --models smollm2 mobilenetv2 resnet minilm
 
 bench-data: setup
 	$(BIN)/python bench/data_fmnist.py

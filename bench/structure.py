@@ -12,13 +12,21 @@ tokens/s at batch 16 x 64 tokens.
 
 MobileNetV2 (`--models mobilenetv2`) with its ImageNet weights at 30% and 50% removed: prunekit's `prune_graph`
 against Torch-Pruning (Taylor, BN scale, magnitude; channel ratio bisected to the same parameter reduction);
-top-1 agreement with the dense model on random crops of local photographs; latency at batch 1 and 16.
+top-1 agreement with the dense model on random crops of local photographs, before and after BatchNorm
+recalibration; latency at batch 1 and 16.
+
+ResNet (`--models resnet`): prunekit.nets' resnet-small trained here on Fashion-MNIST, 50% removed; test accuracy
+right after pruning, after BatchNorm recalibration and after one epoch of fine-tuning; latency.
+
+MiniLM (`--models minilm`): all-MiniLM-L6-v2, 30% of its parameters removed (heads and FFN neurons, both libraries);
+cosine of its BBC News sentence embeddings to the dense model's, a logistic regression's topic accuracy on its own
+embeddings; latency at batch 1 and 16 of a 256-token article.
 
 Each run is a fresh process and the two libraries' runs alternate. Each process keeps a copy of the dense model
 and times it in turns with the pruned one, so that the load of a shared machine changes both alike; speedups are
 against that copy, with `prunekit.measure.speed_record`'s flag for "not measurably faster".
 
-    nice -n 10 .venv/bin/python bench/structure.py             # SmolLM2, 19 processes (~25 min on an idle machine)
+    .venv/bin/python bench/structure.py                        # SmolLM2, 19 processes (~25 min on an idle machine)
     .venv/bin/python bench/structure.py --only prunekit:flap:0.2 tp:activation:0.2
     .venv/bin/python bench/structure.py --table                # rebuild the tables from the JSON lines of a run
 
@@ -243,8 +251,9 @@ def _llm_meta(args: argparse.Namespace, rows: list[dict]) -> str:
         f"speeds are its own process's); 'faster?' is `speed_record`'s test (≥ 5% and interquartile ranges "
         f"apart, for both generation and prefill). % of ideal is the prefill speedup over 1 / (1 − MACs removed). "
         f"{args.threads} threads on {platform.processor() or platform.machine()} ({env_card['cpu_count']} cores), "
-        f"torch {env_card['torch']}, transformers {env_card['transformers']}, Torch-Pruning 1.6.1; each row a fresh "
-        f"process, prunekit and Torch-Pruning runs alternating, run under `nice -n 10` on a shared machine. "
+        f"torch {env_card['torch']}, transformers {env_card['transformers']}, Torch-Pruning {_tp_version()}; each "
+        f"row a fresh process, prunekit and Torch-Pruning runs alternating (the machine's load during the run is "
+        f"stated beside the table). "
         f"Regenerate: `.venv/bin/python bench/structure.py` (or `make bench-structure`)."
     )
 
