@@ -29,16 +29,21 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def place(name: str, text: str, heading: str) -> None:
-    """Put `text` between the markers of `name` in BENCHMARKS.md, or append it under `heading` (a Markdown heading
-    line) with new markers if the file has none yet."""
+    """Put `text` between the markers of `name` in BENCHMARKS.md; if the file has none yet, add them at the end of
+    the section under `heading` (a `## ` Markdown heading line, itself added at the end of the file if missing)."""
     path = ROOT / "BENCHMARKS.md"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{text.strip()}\n{end}"
     current = path.read_text(encoding="utf-8")
     if begin in current:
         current = current[: current.index(begin)] + block + current[current.index(end) + len(end):]
+    elif heading in current:
+        start = current.index(heading) + len(heading)
+        following = current.find("\n## ", start)
+        cut = len(current) if following < 0 else following
+        current = current[:cut].rstrip() + "\n\n" + block + "\n" + current[cut:]
     else:
-        current = current.rstrip() + ("" if heading in current else f"\n\n{heading}") + "\n\n" + block + "\n"
+        current = current.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
     path.write_text(current, encoding="utf-8")
 
 
