@@ -356,6 +356,8 @@ def main() -> None:
     parser.add_argument("--heal-blocks", type=int, nargs="+", choices=BUDGETS, default=list(BUDGETS),
                         help="the budgets whose models are healed")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the speed rows (they need an otherwise idle machine; the perplexity cells do not)")
     parser.add_argument("--table", action="store_true", help="only rebuild tables and plot from the JSON lines")
     args = parser.parse_args()
     if not args.table:
@@ -363,7 +365,8 @@ def main() -> None:
         if args.heal:
             run_heal(bench)
         else:
-            run_depth(bench)
+            if not args.speed_only:
+                run_depth(bench)
             if not args.skip_speed:
                 run_speed(bench)
     write(args)

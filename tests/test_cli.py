@@ -34,7 +34,7 @@ def _one_line_error(capsys, *needles):
     (["--method", "wanda", "--pattern", "2:5"], ["2:5 needs input widths divisible by 5", "width 576"]),
     (["--method", "wanda", "--pattern", "two:four"], ["pattern 'two:four' is not understood"]),
     (["--method", "bogus", "--sparsity", "0.5"], ["unknown method 'bogus'"]),
-    (["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl", "--pattern", "2:4"], ["OWL"]),
+    (["--method", "wanda", "--allocation", "global", "--pattern", "2:4"], ["GLOBAL allocates a different sparsity"]),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-samples", "100000"], ["calibration text has"]),
 ])
 def test_bad_budget_method_or_calibration(tmp_path, capsys, args, needles):
