@@ -241,9 +241,10 @@ def test_owl_allocates_per_block_and_meets_the_overall_target():
         assert layer["sparsity"] == pytest.approx(layer["target"], abs=0.02), name
 
 
-def test_owl_with_nm_is_refused():
-    with pytest.raises(PrunekitError, match="OWL"):
-        prunekit.prune(tiny("llama"), method="wanda", pattern="2:4", allocation="owl", calibration=calibration())
+def test_other_allocations_with_nm_are_refused():
+    # OWL has its own N:M family per block (tests/test_weights_api.py); the others give one sparsity per block
+    with pytest.raises(PrunekitError, match="LAMP allocates"):
+        prunekit.prune(tiny("llama"), method="wanda", pattern="2:4", allocation="lamp", calibration=calibration())
 
 
 def test_non_finite_activations_are_reported_and_nothing_is_pruned():
