@@ -207,13 +207,13 @@ def _graph(args: argparse.Namespace) -> dict:
 
 
 OBJECTS = ("weights", "structures", "blocks")
-# Options that apply to one object only; giving one for another object is refused, never silently ignored.
-# the options of one method or allocation of weights, each refused where it would do nothing
+# Options of one method or allocation of weights, each refused where it would do nothing: (what they apply to, test).
 _WEIGHT_OPTIONS = {"admm_rho": ("ADMM methods", lambda a: "admm" in a.method),
                    "admm_iterations": ("ADMM methods", lambda a: "admm" in a.method),
                    "dsnot_cycles": ("+dsnot methods", lambda a: a.method.endswith("+dsnot")),
                    "ecoflap_directions": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap"),
                    "ecoflap_epsilon": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap")}
+# Options that apply to one object only; giving one for another object is refused, never silently ignored.
 _OPTIONS_OF = {"weights": ("sparsity", "pattern", *_WEIGHT_OPTIONS),
                "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed"),
                "blocks": ("remove", "blocks", "unit", "merge")}
