@@ -176,7 +176,7 @@ def run_speed(bench: Bench) -> None:
     from structure import _interleaved
 
     from prunekit.depth import remove_blocks, reverse_order
-    from prunekit.measure import generation_speed, prefill_speed
+    from prunekit.measure import generation_speed, parameter_counts, prefill_speed
 
     prompt = bench.windows.ids[:PREFILL_BATCH, :PROMPT]
     measures = {"generation": lambda m: generation_speed(m, prompt[:1], new_tokens=NEW_TOKENS, warmup=0, repeats=1),
@@ -186,7 +186,8 @@ def run_speed(bench: Bench) -> None:
             continue
         model = copy.deepcopy(bench.dense)
         remove_blocks(model, reverse_order(len(model.model.layers), blocks))
-        row = {"kind": "speed", "blocks": blocks}
+        row = {"kind": "speed", "blocks": blocks, "removed_fraction": 1 - parameter_counts(model)["total"]
+               / parameter_counts(bench.dense)["total"]}
         for kind, measure in measures.items():
             runs = _interleaved(measure, {"dense": bench.dense, "pruned": model}, bench.args.repeats)
             row[kind] = {"dense": runs["dense"]["tokens_per_s"], "pruned": runs["pruned"]["tokens_per_s"],
@@ -271,7 +272,8 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
                  "copy, medians of the rounds):\n\n| n | params removed | generation tok/s b=1 (dense → pruned) | "
                  "speedup | prefill tok/s b=16 (dense → pruned) | speedup | ideal 30/(30−n) |\n"
                  "|---:|---:|---:|---:|---:|---:|---:|")
-        fraction = {r["blocks"]: r["removed_fraction"] for r in depth if r["method"] == "reverse"}
+        # every depth row at n removes the same parameters (the blocks are equal); speed rows carry their own
+        fraction = {r["blocks"]: r["removed_fraction"] for r in [*depth, *speed] if "removed_fraction" in r}
         for r in speed:
             g, p, n = r["generation"], r["prefill"], r["blocks"]
             text += (f"\n| {n} | {fraction.get(n, float('nan')):.1%} | {g['dense']:.1f} → {g['pruned']:.1f} | "
