@@ -406,22 +406,12 @@ def run_one_vision(args: argparse.Namespace) -> dict:
 
 
 def _vision_table(rows: list[dict]) -> str:
-    lines = ["| library | method | params removed (target) | top-1 agreement | after BN recalibration | MACs removed | "
-             "ideal speedup | b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 12)
-            continue
-        ms, s = _latency_columns(row)
+    def cells(row: dict) -> list[str]:
         if row["library"] == "dense":
-            lines.append(f"| dense | — | — | 100% | — | — | — | {ms['1']:.2f} | — | {ms['16']:.2f} | — | — | — | — |")
-            continue
-        removed = row["removed_fraction"]
-        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
-                     f"({removed['target']:.0%}) | {row['agreement']:.1%} | {row['recalibrated_agreement']:.1%} | "
-                     f"{_speed_cells(ms, s)} | {row['prune_s']:.0f} |")
-    return "\n".join(lines)
+            return ["100%", "—"]
+        return [f"{row['agreement']:.1%}", f"{row['recalibrated_agreement']:.1%}"]
+
+    return _latency_table(rows, ("top-1 agreement", "after BN recalibration"), cells, prune_format=".0f")
 
 
 def _vision_meta(args: argparse.Namespace, rows: list[dict]) -> str:
@@ -552,30 +542,41 @@ def _speed_cells(ms: dict, s: dict) -> str:
             f"{s['latency']['16']['ideal_fraction']:.0%} | {'no' if s['not_faster'] else 'yes'}")
 
 
+def _latency_table(rows: list[dict], fidelity: tuple[str, ...], cells: Callable[[dict], list[str]],
+                   prune_format: str) -> str:
+    """The table of a CNN or encoder section: the fidelity columns (`cells(row)` of each row, dense or pruned),
+    then MACs, latency at batch 1 and 16 against the dense copy, and the pruning time."""
+    speed = ("MACs removed", "ideal speedup", "b=1 ms", "speedup", "b=16 ms", "speedup", "% of ideal (b=16)")
+    header = ("library", "method", "params removed (target)", *fidelity, *speed, "faster?", "prune s")
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(fidelity) + len(speed)) + "---|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * (len(header) - 2))
+            continue
+        ms, s = _latency_columns(row)
+        fidelity_cells = " | ".join(cells(row))
+        if row["library"] == "dense":
+            lines.append(f"| dense | — | — | {fidelity_cells} | — | — | {ms['1']:.2f} | — | {ms['16']:.2f} | — | — | "
+                         "— | — |")
+            continue
+        removed = row["removed_fraction"]
+        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
+                     f"({removed['target']:.0%}) | {fidelity_cells} | {_speed_cells(ms, s)} | "
+                     f"{row['prune_s']:{prune_format}} |")
+    return "\n".join(lines)
+
+
 def _library(row: dict) -> str:
     return "prunekit" if row["library"] == "prunekit" else "Torch-Pruning"
 
 
 def _resnet_table(rows: list[dict]) -> str:
-    lines = ["| library | method | params removed (target) | accuracy | after BN recalibration | after 1 epoch | "
-             "MACs removed | ideal speedup | b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | "
-             "prune s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 13)
-            continue
-        ms, s = _latency_columns(row)
+    def cells(row: dict) -> list[str]:
         if row["library"] == "dense":
-            lines.append(f"| dense | — | — | {row['accuracy']:.2%} | — | — | — | — | {ms['1']:.2f} | — | "
-                         f"{ms['16']:.2f} | — | — | — | — |")
-            continue
-        removed = row["removed_fraction"]
-        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
-                     f"({removed['target']:.0%}) | {row['accuracy']:.2%} | {row['recalibrated_accuracy']:.2%} | "
-                     f"{row['finetuned_accuracy']:.2%} | "
-                     f"{_speed_cells(ms, s)} | {row['prune_s']:.1f} |")
-    return "\n".join(lines)
+            return [f"{row['accuracy']:.2%}", "—", "—"]
+        return [f"{row[k]:.2%}" for k in ("accuracy", "recalibrated_accuracy", "finetuned_accuracy")]
+
+    return _latency_table(rows, ("accuracy", "after BN recalibration", "after 1 epoch"), cells, prune_format=".1f")
 
 
 def _resnet_meta(args: argparse.Namespace, rows: list[dict]) -> str:
@@ -756,24 +757,11 @@ def run_one_minilm(args: argparse.Namespace) -> dict:
 
 
 def _minilm_table(rows: list[dict]) -> str:
-    lines = ["| library | method | params removed (target) | embedding cosine (min) | topic accuracy | MACs removed | "
-             "ideal speedup | b=1 ms | speedup | b=16 ms | speedup | % of ideal (b=16) | faster? | prune s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['run']} | failed: {row['error'][:100]} |" + " |" * 12)
-            continue
-        ms, s = _latency_columns(row)
-        cosine = f"{row['cosine']['mean_cosine']:.4f} ({row['cosine']['min_cosine']:.3f})"
-        if row["library"] == "dense":
-            lines.append(f"| dense | — | — | {cosine} | {row['news_accuracy']:.1%} | — | — | {ms['1']:.2f} | — | "
-                         f"{ms['16']:.2f} | — | — | — | — |")
-            continue
-        removed = row["removed_fraction"]
-        lines.append(f"| {_library(row)} | {row['method']['name']} | {removed['achieved']:.1%} "
-                     f"({removed['target']:.0%}) | {cosine} | {row['news_accuracy']:.1%} | {_speed_cells(ms, s)} | "
-                     f"{row['prune_s']:.0f} |")
-    return "\n".join(lines)
+    def cells(row: dict) -> list[str]:
+        return [f"{row['cosine']['mean_cosine']:.4f} ({row['cosine']['min_cosine']:.3f})",
+                f"{row['news_accuracy']:.1%}"]
+
+    return _latency_table(rows, ("embedding cosine (min)", "topic accuracy"), cells, prune_format=".0f")
 
 
 def _minilm_meta(args: argparse.Namespace, rows: list[dict]) -> str:
