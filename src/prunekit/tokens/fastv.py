@@ -36,6 +36,18 @@ _INSTALLED = "_prunekit_tokens"
 _ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")  # the mask is a tensor (or None) whose columns can be cut
 
 
+def uninstall(handle: object, hooks: list, blocks) -> None:
+    """Remove `handle`'s hooks and give each block it installed on its class's forward back (a block installed by
+    another handle keeps that one)."""
+    for hook in hooks:
+        hook.remove()
+    hooks.clear()
+    for block in blocks:
+        if getattr(block, _INSTALLED, None) is handle:
+            del block.forward
+            delattr(block, _INSTALLED)
+
+
 @dataclass
 class _Prompt:
     """The prompt columns that layers K.. hold, for one cache (or one cache-less forward pass)."""
@@ -92,13 +104,7 @@ class DecoderTokenHandle:
 
     def remove(self) -> None:
         """Take FastV off: the blocks get their class's forward back, the hooks go, and the remembered caches."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for block in self._blocks:
-            if getattr(block, _INSTALLED, None) is self:
-                del block.forward
-                delattr(block, _INSTALLED)
+        uninstall(self, self._hooks, self._blocks)
         self._caches = weakref.WeakKeyDictionary()
         self._pass = None
         self.installed = False

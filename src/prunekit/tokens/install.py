@@ -117,13 +117,7 @@ class TokenHandle:
 
     def remove(self) -> None:
         """Take the token reduction off: the blocks get their class's forward back and the hooks go."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for block in self._blocks:
-            if getattr(block, _INSTALLED, None) is self:
-                del block.forward
-                delattr(block, _INSTALLED)
+        fastv.uninstall(self, self._hooks, self._blocks)
 
     def _last(self) -> _State:
         if self._state is None:
