@@ -44,6 +44,24 @@ def count(minimum: int):
     return parse
 
 
+def count_or_fraction(meaning: str):
+    """An argparse type for a budget given either way: '2' is a count (int), '0.25' a fraction (float); anything
+    else is refused as `{text} is <meaning>`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is {meaning}") from None
+
+    parse.__name__ = "count or fraction"
+    return parse
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="asset name (smollm2-135m) or a local Hugging Face directory")
     parser.add_argument("--device", default=None,

@@ -11,20 +11,8 @@ from __future__ import annotations
 import argparse
 
 from prunekit import names
-from prunekit.cli import count
+from prunekit.cli import count, count_or_fraction
 from prunekit.errors import PrunekitError
-
-
-def _keep(text: str) -> float | int:
-    """`--keep 0.5` is a fraction, `--keep 100` a count (as in the Python API: 1 keeps one, 1.0 keeps all)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"keep {text!r} is not a fraction in (0, 1] or a count") from None
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +21,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="jsonl, json, csv, parquet, txt, npy or npz file, or a "
                    "save_to_disk directory")
     p.add_argument("--method", required=True, help=f"one of {', '.join(names.DATA_METHODS)}")
-    p.add_argument("--keep", type=_keep, default=None, help="fraction in (0, 1] (0.5) or count (100) of examples kept")
+    p.add_argument("--keep", type=count_or_fraction("not a fraction in (0, 1] or a count"), default=None,
+                   help="fraction in (0, 1] (0.5) or count (100) of examples kept")
     p.add_argument("--threshold", type=float, default=None, help="SemDeDup cosine similarity threshold in (0, 1)")
     p.add_argument("--semdedup-rule", default="paper", help="SemDeDup: remove an example similar to any earlier one "
                    "(paper, default) or to an earlier kept one (greedy)")

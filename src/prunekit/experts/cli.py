@@ -14,21 +14,9 @@ import argparse
 from pathlib import Path
 
 from prunekit.artifacts.files import check_distinct, check_output_dir
-from prunekit.cli import count
+from prunekit.cli import count, count_or_fraction
 from prunekit.names import EXPERT_CRITERIA as CRITERIA
 from prunekit.names import EXPERT_INSIDE_METHODS as INSIDE_METHODS
-
-
-def _remove(text: str) -> int | float:
-    """A number of experts ('2') or a fraction of them ('0.25')."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of experts nor a fraction") from None
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,7 +26,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a local Hugging Face MoE model directory, or an asset name")
     p.add_argument("--criterion", choices=CRITERIA, default="frequency",
                    help="expert importance (default frequency); router_norm needs --pretrained")
-    p.add_argument("--remove", type=_remove, default=None,
+    p.add_argument("--remove", type=count_or_fraction("neither a number of experts nor a fraction"), default=None,
                    help="experts removed per layer: a number (2) or a fraction of the experts (0.25); at least top-k "
                         "must remain")
     p.add_argument("--inside", choices=INSIDE_METHODS, default=None,
