@@ -14,7 +14,14 @@ from prunekit.artifacts import load_pruned, save_module, save_pruned
 from prunekit.budget import WeightBudget, weight_budget
 from prunekit.depth import prune_depth, removed_sublayers
 from prunekit.errors import PrunekitError
-from prunekit.inputs import calibration_set, check_lengths, compute_device, evaluation_set, model_card
+from prunekit.inputs import (
+    calibration_set,
+    check_lengths,
+    check_run_lengths,
+    compute_device,
+    evaluation_set,
+    model_card,
+)
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
 from prunekit.structure import prune_structure, saved_widths
@@ -140,9 +147,7 @@ def prune(
                                               admm_rho=admm_rho, admm_iterations=admm_iterations,
                                               dsnot_cycles=dsnot_cycles, ecoflap_directions=ecoflap_directions,
                                               ecoflap_epsilon=ecoflap_epsilon)
-    check_lengths(model, calibration_seq_len=None if isinstance(calibration, torch.Tensor) else calibration_seq_len,
-                  eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
-                  batch_size=batch_size)
+    check_run_lengths(model, calibration, calibration_seq_len, evaluation, eval_seq_len, batch_size)
     adapter = adapter_for(model)
     if isinstance(adapter, MoeAdapter):
         raise PrunekitError(f"prune reaches only plain Linear projections, not the experts of this {adapter.family} "

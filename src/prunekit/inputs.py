@@ -54,6 +54,15 @@ def check_lengths(
                                 f"use at most {limit}")
 
 
+def check_run_lengths(model: nn.Module, calibration, calibration_seq_len: int, evaluation, eval_seq_len: int,
+                      batch_size: int) -> None:
+    """`check_lengths` for a pruning call: a calibration or evaluation given as a token tensor has its own length,
+    so only the lengths of text sources (asset names, files) are checked."""
+    check_lengths(model, calibration_seq_len=None if isinstance(calibration, torch.Tensor) else calibration_seq_len,
+                  eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
+                  batch_size=batch_size)
+
+
 def _check_tokenizer(tokenizer, source, what: str) -> None:
     if tokenizer is None and not isinstance(source, torch.Tensor):
         raise PrunekitError(f"{what} from text needs a tokenizer; pass tokenizer= or a tensor of token ids")

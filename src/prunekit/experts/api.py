@@ -17,7 +17,13 @@ from prunekit.experts.criteria import (
 from prunekit.experts.inside import INSIDE_METHODS, check_inside_options, prune_expert_weights
 from prunekit.experts.remove import removal_count, remove_experts, select_experts
 from prunekit.experts.routing import moe_adapter, router_statistics
-from prunekit.inputs import calibration_set, check_lengths, compute_device, evaluation_set, model_card
+from prunekit.inputs import (
+    calibration_set,
+    check_run_lengths,
+    compute_device,
+    evaluation_set,
+    model_card,
+)
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
 from prunekit.measure.protocol import result_record, weights_sha256
 
@@ -60,9 +66,7 @@ def prune_experts(
     config = model.config
     experts, top_k = getattr(config, adapter.num_experts), getattr(config, adapter.top_k)
     count = removal_count(experts, top_k, remove)
-    check_lengths(model, calibration_seq_len=None if isinstance(calibration, torch.Tensor) else calibration_seq_len,
-                  eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
-                  batch_size=batch_size)
+    check_run_lengths(model, calibration, calibration_seq_len, evaluation, eval_seq_len, batch_size)
     calibrated = criterion in CALIBRATED or merge
     calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples, seq_len=calibration_seq_len,
                             seed=seed) if calibrated else None
@@ -148,9 +152,7 @@ def prune_inside_experts(
     """
     check_inside_options(method, sparsity)
     moe_adapter(model)
-    check_lengths(model, calibration_seq_len=None if isinstance(calibration, torch.Tensor) else calibration_seq_len,
-                  eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
-                  batch_size=batch_size)
+    check_run_lengths(model, calibration, calibration_seq_len, evaluation, eval_seq_len, batch_size)
     calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples, seq_len=calibration_seq_len,
                             seed=seed)
     card = model_card(model, model_source)
