@@ -351,7 +351,7 @@ def _prune_net(args: argparse.Namespace, progress: bool) -> dict:
     return record
 
 
-def _local_path(source) -> str | None:
+def local_path(source: str | None) -> str | None:
     """`source` if it names something on disk (a model directory, a text file), else None (an asset name)."""
     return source if source is not None and Path(source).exists() else None
 
@@ -387,8 +387,8 @@ def _run(args: argparse.Namespace) -> dict:
             if getattr(args, option) is None:
                 setattr(args, option, value)
         calib, evaluation = args.calib, None if args.no_eval else args.eval_data
-        check_distinct({"input model": _local_path(args.model), "calibration file": _local_path(calib),
-                        "evaluation file": _local_path(evaluation)}, {"output directory": out})
+        check_distinct({"input model": local_path(args.model), "calibration file": local_path(calib),
+                        "evaluation file": local_path(evaluation)}, {"output directory": out})
         check_output_dir(out, args.overwrite)
         kind = _prune_object(args)
         weight_options = {option: getattr(args, option) for option in _WEIGHT_OPTIONS

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from prunekit.artifacts.files import check_distinct, check_output_dir
-from prunekit.cli import count
+from prunekit.cli import count, local_path
 from prunekit.errors import PrunekitError
 
 METHODS = ("dare", "darex-q", "magnitude", "activation")  # prunekit.deltas.methods.DELTA_METHODS, without torch
@@ -64,9 +64,6 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _local(source: str | None) -> str | None:
-    return source if source is not None and Path(source).exists() else None
-
 
 def _check(args: argparse.Namespace) -> None:
     """Everything that can be refused before loading: options, drop, output paths."""
@@ -80,8 +77,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.scale is not None and args.merge_out is None:
         raise PrunekitError("--scale is the merge scale; it needs --merge-out")
     out = Path(args.out)
-    check_distinct({"base model": _local(args.base), "fine-tuned model": _local(args.tuned),
-                    "LoRA adapter": _local(args.lora), "calibration file": _local(args.calib)},
+    check_distinct({"base model": local_path(args.base), "fine-tuned model": local_path(args.tuned),
+                    "LoRA adapter": local_path(args.lora), "calibration file": local_path(args.calib)},
                    {"output directory": out, "merge output": args.merge_out})
     check_output_dir(out, args.overwrite)
     if args.merge_out is not None:
@@ -163,8 +160,8 @@ def run_merge(args: argparse.Namespace) -> dict:
 
     check_scale(args.scale)
     out = Path(args.out)
-    check_distinct({"base model": _local(args.base),
-                    **{f"delta '{d}'": _local(d) for d in args.delta}}, {"output directory": out})
+    check_distinct({"base model": local_path(args.base),
+                    **{f"delta '{d}'": local_path(d) for d in args.delta}}, {"output directory": out})
     check_output_dir(out, args.overwrite)
     import torch
     import transformers

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from prunekit.artifacts.files import check_distinct, check_output_dir
-from prunekit.cli import count, count_or_fraction
+from prunekit.cli import count, count_or_fraction, local_path
 from prunekit.names import EXPERT_CRITERIA as CRITERIA
 from prunekit.names import EXPERT_INSIDE_METHODS as INSIDE_METHODS
 
@@ -57,9 +57,6 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _local(source: str | None) -> str | None:
-    return source if source is not None and Path(source).exists() else None
-
 
 def run(args: argparse.Namespace) -> dict:
     """Check, load the model (and the pretrained one), prune its experts, save atomically; returns the record."""
@@ -73,8 +70,8 @@ def run(args: argparse.Namespace) -> dict:
         raise PrunekitError("--merge and --pretrained apply to removing whole experts, not to --inside")
     out = Path(args.out)
     evaluation = None if args.no_eval else args.eval_data
-    check_distinct({"input model": _local(args.model), "pretrained model": _local(args.pretrained),
-                    "calibration file": _local(args.calib), "evaluation file": _local(evaluation)},
+    check_distinct({"input model": local_path(args.model), "pretrained model": local_path(args.pretrained),
+                    "calibration file": local_path(args.calib), "evaluation file": local_path(evaluation)},
                    {"output directory": out})
     check_output_dir(out, args.overwrite)
 

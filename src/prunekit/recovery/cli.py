@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prunekit import names
 from prunekit.artifacts.files import check_distinct, check_output_dir
-from prunekit.cli import count
+from prunekit.cli import count, local_path
 from prunekit.errors import PrunekitError
 
 
@@ -57,9 +57,6 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _local(source: str | None) -> str | None:
-    return source if source is not None and Path(source).exists() else None
-
 
 def _layer_map(manifest: dict | None, teacher_blocks: int) -> list[int] | None:
     """The teacher block each student block was, from a depth-pruned model's manifest (`kept_blocks`)."""
@@ -72,8 +69,8 @@ def _layer_map(manifest: dict | None, teacher_blocks: int) -> list[int] | None:
 def run(args: argparse.Namespace) -> dict:
     """Check everything, load the model (and teacher), heal, save atomically; returns the result record."""
     out = Path(args.out)
-    check_distinct({"input model": _local(args.model), "teacher": _local(args.teacher),
-                    "training text": _local(args.data), "evaluation text": _local(args.eval_data)},
+    check_distinct({"input model": local_path(args.model), "teacher": local_path(args.teacher),
+                    "training text": local_path(args.data), "evaluation text": local_path(args.eval_data)},
                    {"output directory": out, "checkpoint directory": args.checkpoint_dir})
     check_output_dir(out, args.overwrite)
     if (args.distill is None) != (args.teacher is None):
@@ -102,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     api.check_lengths(args.model, calibration_seq_len=args.seq_len, eval_seq_len=args.eval_seq_len)
     loaded = load_causal_lm(args.model)
     manifest = None
-    if _local(args.model) and (Path(args.model) / "prunekit.json").is_file():
+    if local_path(args.model) and (Path(args.model) / "prunekit.json").is_file():
         from prunekit.artifacts.io import MANIFEST_LIMIT, read_json_file
 
         manifest = read_json_file(Path(args.model) / "prunekit.json", limit=MANIFEST_LIMIT, what="manifest")
