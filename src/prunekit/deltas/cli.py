@@ -64,7 +64,6 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-
 def _check(args: argparse.Namespace) -> None:
     """Everything that can be refused before loading: options, drop, output paths."""
     from prunekit.deltas.api import check_delta_options

@@ -57,7 +57,6 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-
 def run(args: argparse.Namespace) -> dict:
     """Check, load the model (and the pretrained one), prune its experts, save atomically; returns the record."""
     from prunekit.errors import PrunekitError

@@ -57,7 +57,6 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-
 def _layer_map(manifest: dict | None, teacher_blocks: int) -> list[int] | None:
     """The teacher block each student block was, from a depth-pruned model's manifest (`kept_blocks`)."""
     kept = ((manifest or {}).get("metrics") or {}).get("kept_blocks")
