@@ -27,13 +27,21 @@ from prunekit.measure.protocol import result_record, weights_sha256
 from prunekit.structure import prune_structure, saved_widths
 from prunekit.targets import projection_weights, target_weights
 from prunekit.weights.ecoflap import check_ecoflap_options, ecoflap_plan
-from prunekit.weights.engine import BlockPlan, capture_block_inputs, owl_plan, prune_sequentially
+from prunekit.weights.engine import (
+    BlockPlan,
+    block_weights,
+    capture_block_inputs,
+    owl_plan,
+    prune_sequentially,
+    state_items,
+)
 from prunekit.weights.gradients import calibration_gradients
 from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
+from prunekit.weights.offload import check_offload_support, load_offloaded, save_offloaded
 from prunekit.weights.scores import magnitude_scores
 
 __all__ = ["ALLOCATIONS", "METHODS", "ONESHOT_ALLOCATIONS", "check_lengths", "check_prune_options", "evaluate", "load",
-           "prune", "prune_depth", "prune_structure", "save", "target_weights"]
+           "load_offloaded", "prune", "prune_depth", "prune_structure", "save", "target_weights"]
 
 
 def evaluate(
@@ -69,7 +77,7 @@ def evaluate(
 def check_prune_options(
     method: str, sparsity: float | None, pattern: str | None, allocation: str, blocksize: int = 128,
     damping: float = 0.01, *, admm_rho: float = 1.0, admm_iterations: int = 20, dsnot_cycles: int = 50,
-    ecoflap_directions: int = 2, ecoflap_epsilon: float = 1e-3,
+    ecoflap_directions: int = 2, ecoflap_epsilon: float = 1e-3, true_sequential: bool = False,
 ) -> tuple[WeightMethod, WeightBudget]:
     """Validate the model-independent options of `prune`, so that callers can fail before loading a model."""
     method_spec = get_method(method)
@@ -83,6 +91,9 @@ def check_prune_options(
     if blocksize < 1 or not 0 <= damping < 1:
         raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
     PruneOptions(admm_rho=admm_rho, admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles)
+    if true_sequential and method_spec.statistics not in ("norms", "hessian"):
+        raise PrunekitError(f"true-sequential calibration changes only methods calibrated on activations; "
+                            f"'{method}' does not use them")
     check_ecoflap_options(ecoflap_directions, ecoflap_epsilon)
     return method_spec, budget
 
@@ -108,6 +119,7 @@ def prune(
     dsnot_cycles: int = 50,
     ecoflap_directions: int = 2,
     ecoflap_epsilon: float = 1e-3,
+    true_sequential: bool = False,
     evaluation=None,
     eval_seq_len: int = 512,
     eval_windows: int | None = 64,
@@ -132,9 +144,15 @@ def prune(
         of their LAMP scores, removes from it). Within a block, `method` selects the weights.
     calibration: asset name, local file, list of strings, or a tensor of token ids [samples, length] used
         exactly as given; `calibration_samples` windows of `calibration_seq_len` tokens are drawn with `seed`.
+    true_sequential: calibrate each input group of a block on the outputs of the groups pruned before it
+        (attention projections pruned before the MLP inputs are recorded) instead of all on the dense block;
+        for methods calibrated on activations.
     evaluation: if given (same forms as calibration), dense and pruned perplexity are measured on it.
     device: where each block is computed (default: where the model is); activations stay on the CPU when the
         model lives there. Evaluation is placed the same way (see `prunekit.measure.perplexity`).
+        A model from `load_offloaded` (blocks in files, larger than memory) is pruned one block at a time from
+        its files; `save` then writes it. The global, lamp and ecoflap allocations and pruner-zero need the whole
+        model at once and are refused for it.
     return_masks: also return the keep-masks, `(record, masks)`: {parameter name: bool tensor in the parameter's
         layout} for every targeted weight, which `prunekit.training.Masks` holds through fine-tuning
         (`held = Masks(model, masks); held.update(masks)`). For SparseGPT they are the masks its kernel selected.
@@ -146,8 +164,9 @@ def prune(
     method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping,
                                               admm_rho=admm_rho, admm_iterations=admm_iterations,
                                               dsnot_cycles=dsnot_cycles, ecoflap_directions=ecoflap_directions,
-                                              ecoflap_epsilon=ecoflap_epsilon)
+                                              ecoflap_epsilon=ecoflap_epsilon, true_sequential=true_sequential)
     check_run_lengths(model, calibration, calibration_seq_len, evaluation, eval_seq_len, batch_size)
+    check_offload_support(model, allocation=allocation, statistics=method_spec.statistics)
     adapter = adapter_for(model)
     if isinstance(adapter, MoeAdapter):
         raise PrunekitError(f"prune reaches only plain Linear projections, not the experts of this {adapter.family} "
@@ -156,12 +175,13 @@ def prune(
                             "`prunekit experts --inside`")
     for name, weight in projection_weights(model).items():
         budget.pattern.check_width(weight.shape[1], name)
-        if not torch.isfinite(weight).all():
+        if weight.device.type != "meta" and not torch.isfinite(weight).all():  # offloaded: checked as read
             raise PrunekitError(f"weight '{name}' holds NaN or inf; prunekit will not prune a broken model")
     compute = compute_device(model, device)
     activations = torch.device("cpu") if next(model.parameters()).device.type == "cpu" else compute
     options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping, admm_rho=admm_rho,
-                           admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles)
+                           admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles,
+                           true_sequential=true_sequential)
     needs_calibration = method_spec.statistics is not None or allocation in ("owl", "ecoflap")
     calibrated = method_spec.statistics in ("norms", "hessian")
     calib = None
@@ -209,7 +229,8 @@ def prune(
     finally:
         model.train(was_training)
 
-    summary = sparsity_summary(target_weights(model))
+    targets = set(target_weights(model))
+    summary = sparsity_summary((name, t) for name, t in state_items(model) if name in targets)
     prefix = adapter.block_prefix(model) + "."
     for name, layer in summary["per_layer"].items():
         layer["target"] = plan.sparsities[int(name[len(prefix):].split(".", 1)[0])]
@@ -255,6 +276,8 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, record: dict, *, over
     layers in the manifest (`prunekit.artifacts.modules`); `tokenizer` must then be None."""
     from transformers import PreTrainedModel
 
+    if block_weights(model).offloaded:
+        return save_offloaded(model, tokenizer, out_dir, record, overwrite=overwrite)
     if not isinstance(model, PreTrainedModel):
         if tokenizer is not None:
             raise PrunekitError(f"a tokenizer is saved with Hugging Face models only; {type(model).__name__} is "

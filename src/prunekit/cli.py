@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--allocation ecoflap: random directions per block (default 2; 2 forward passes each)")
     p.add_argument("--ecoflap-epsilon", type=float, default=None,
                    help="--allocation ecoflap: perturbation, relative to each weight (default 0.001)")
+    p.add_argument("--true-sequential", action="store_true", default=None,
+                   help="weights: calibrate each projection group of a block on the outputs of the groups pruned "
+                        "before it (attention before MLP), for methods calibrated on activations")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="weights: keep the model's blocks in their files and load one at a time (models larger "
+                        "than memory); the output is written shard by shard")
     p.add_argument("--blocksize", type=count(1), default=128, help="SparseGPT lazy-update block (default 128)")
     p.add_argument("--damping", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--batch-size", type=count(1), default=8, help="calibration sequences per forward (default 8)")
@@ -230,9 +236,11 @@ _WEIGHT_OPTIONS = {"admm_rho": ("ADMM methods", lambda a: "admm" in a.method),
                    "admm_iterations": ("ADMM methods", lambda a: "admm" in a.method),
                    "dsnot_cycles": ("+dsnot methods", lambda a: a.method.endswith("+dsnot")),
                    "ecoflap_directions": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap"),
-                   "ecoflap_epsilon": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap")}
+                   "ecoflap_epsilon": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap"),
+                   # which methods it changes, check_prune_options says
+                   "true_sequential": ("methods calibrated on activations", lambda a: True)}
 # Options that apply to one object only; giving one for another object is refused, never silently ignored.
-_OPTIONS_OF = {"weights": ("sparsity", "pattern", *_WEIGHT_OPTIONS),
+_OPTIONS_OF = {"weights": ("sparsity", "pattern", "offload", *_WEIGHT_OPTIONS),
                "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed"),
                "blocks": ("remove", "blocks", "unit", "merge")}
 
@@ -399,8 +407,12 @@ def _run(args: argparse.Namespace) -> dict:
                 if not applies(args):
                     raise PrunekitError(f"--{option.replace('_', '-')} applies to {applies_to}, not to method "
                                         f"'{args.method}' with --allocation {args.allocation}")
-            api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation, args.blocksize,
-                                    args.damping, **weight_options)
+            method_spec, _ = api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation,
+                                                     args.blocksize, args.damping, **weight_options)
+            if args.offload:
+                from prunekit.weights.offload import check_offload_options
+
+                check_offload_options(allocation=args.allocation, statistics=method_spec.statistics)
         elif kind == "structures":
             units = _units(args.units)
             check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
@@ -418,7 +430,11 @@ def _run(args: argparse.Namespace) -> dict:
             raise PrunekitError("--allocation applies to weights and structures, not to blocks")
         api.check_lengths(args.model, calibration_seq_len=args.calib_seq_len,
                           eval_seq_len=None if evaluation is None else args.eval_seq_len)
-        loaded = load_encoder(args.model) if encoder else load_causal_lm(args.model)
+        if args.offload:
+            model, tokenizer = api.load_offloaded(args.model)
+            loaded = argparse.Namespace(model=model, tokenizer=tokenizer)
+        else:
+            loaded = load_encoder(args.model) if encoder else load_causal_lm(args.model)
         common = dict(calibration=calib, calibration_samples=args.calib_samples,
                       calibration_seq_len=args.calib_seq_len, seed=args.seed, evaluation=evaluation,
                       eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows or None,

@@ -119,7 +119,7 @@ def check_model_dir(path: Path) -> None:
     refuse_pickled_weights(path)
 
 
-def _saved_class(config) -> type[PreTrainedModel] | None:
+def saved_class(config) -> type[PreTrainedModel] | None:
     """The transformers class a directory was saved from (its config's `architectures`, e.g. BertModel for an
     encoder, which has a causal-LM class too), or None. Only transformers' own classes are looked up."""
     import transformers
@@ -140,7 +140,7 @@ def load_causal_lm_dir(path: Path, *, dtype: torch.dtype, block_widths: list | N
     from its config, shaped block by block, and its safetensors are loaded strictly: every tensor must fit, and only
     tied weights may be absent from the files."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    saved = _saved_class(config)
+    saved = saved_class(config)
     if block_widths is None and not removed_sublayers:
         return (saved or AutoModelForCausalLM).from_pretrained(path, local_files_only=True, use_safetensors=True,
                                                                dtype=dtype)

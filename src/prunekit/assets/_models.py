@@ -204,16 +204,9 @@ def _check_causal_lm_dir(path: Path) -> None:
         raise PrunekitError(f"model '{path}' ({kind}) is not a causal language model")
 
 
-def load_causal_lm(
-    source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> LoadedModel:
-    """Load a causal language model and its tokenizer, in eval mode, from an asset name or a local directory.
-
-    `source` is a model asset (`smollm2-135m`, `gemma3-270m`) or a local Hugging Face model directory, read with
-    `local_files_only=True` so that nothing ever reaches a model hub.
-    """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise PrunekitError(f"dtype {dtype!r} is not a floating-point torch.dtype (e.g. torch.float32)")
+def causal_lm_path(source: str | os.PathLike[str]) -> Path:
+    """The checked directory of a causal language model: an asset's cache directory (converted on first use) or a
+    local Hugging Face directory (config readable, safetensors weights sound, nothing pickled, a causal LM)."""
     name = os.fspath(source)
     if name in _MODEL_ASSETS:
         if not _MODEL_ASSETS[name].causal_lm:
@@ -222,12 +215,28 @@ def load_causal_lm(
                 f"model asset '{name}' is an encoder, not a causal language model; causal LM assets: "
                 f"{', '.join(causal)}"
             )
-        path = model_path(name)
-    elif Path(name).is_dir():
+        return model_path(name)
+    if Path(name).is_dir():
         path = Path(name).resolve()
         _check_causal_lm_dir(path)
-    else:
-        raise PrunekitError(
-            f"model '{name}' is neither a prunekit asset ({', '.join(_MODEL_ASSETS)}) nor a local directory"
-        )
-    return _load(path, name, dtype, device)
+        return path
+    raise PrunekitError(
+        f"model '{name}' is neither a prunekit asset ({', '.join(_MODEL_ASSETS)}) nor a local directory"
+    )
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise PrunekitError(f"dtype {dtype!r} is not a floating-point torch.dtype (e.g. torch.float32)")
+
+
+def load_causal_lm(
+    source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a causal language model and its tokenizer, in eval mode, from an asset name or a local directory.
+
+    `source` is a model asset (`smollm2-135m`, `gemma3-270m`) or a local Hugging Face model directory, read with
+    `local_files_only=True` so that nothing ever reaches a model hub.
+    """
+    check_dtype(dtype)
+    return _load(causal_lm_path(source), os.fspath(source), dtype, device)

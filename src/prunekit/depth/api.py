@@ -37,7 +37,7 @@ from prunekit.depth.sublayers import (
 from prunekit.errors import PrunekitError
 from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record, weights_sha256
-from prunekit.weights.engine import capture_block_inputs, run_block
+from prunekit.weights.engine import capture_block_inputs, refuse_offloaded, run_block
 
 DEPTH_METHODS = {
     "angular": "contiguous run of n blocks with the least angular distance between its input and output "
@@ -307,6 +307,7 @@ def prune_depth(
     KV cache; with blocks removed it saves as a standard Hugging Face directory, with sublayers removed
     `prunekit.save` lists them in the manifest (`removed_sublayers`), from which `prunekit.load` rebuilds it.
     """
+    refuse_offloaded(model, "depth pruning")
     check_depth_options(method, blocks, remove, angular_tokens, unit, merge)
     given_ids = isinstance(calibration, torch.Tensor)
     calibrated = method not in ("reverse", "random")

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from prunekit.adapters import find_adapter
 from prunekit.errors import PrunekitError
-from prunekit.weights.engine import blockwise_forward
+from prunekit.weights.engine import block_weights, blockwise_forward
 
 _IGNORE_INDEX = -100
 
@@ -31,7 +31,7 @@ def _logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, devi
             progress: bool) -> Iterator[torch.Tensor]:
     """Logits of each batch of windows: a normal forward on the model's device, else block by block on `device`."""
     home = _model_device(model)
-    if _same_device(device, home):
+    if _same_device(device, home) and not block_weights(model).offloaded:
         for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", file=sys.stderr,
                           disable=not progress):
             yield model(input_ids=windows[start : start + batch_size].to(device), use_cache=False).logits
@@ -67,7 +67,7 @@ def perplexity(
     the model stays where it is and one block at a time is computed on `device` (`weights.engine.
     blockwise_forward`), the activations of all windows waiting on the CPU between blocks when the model lives
     there; the result is the same as on the model's device. This needs a decoder that `prunekit.adapters`
-    supports.
+    supports. An offloaded model (`prunekit.weights.offload`) always goes block by block.
 
     Returns `{"perplexity", "nll", "tokens", "windows", "seq_len"}`.
     """

@@ -72,21 +72,31 @@ def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of a model's state dict: each tensor's name, dtype, shape and bytes, in sorted name order.
 
     Entries that share storage (tied embeddings) are hashed once, under the first of their names in sorted
-    order, so tying is part of the hash but does not double the work.
+    order, so tying is part of the hash but does not double the work. An offloaded model's blocks are read from
+    their files one at a time (`weights.engine.state_items`).
     """
+    from prunekit.weights.engine import state_items
+
+    # Shared entries are found on the state dict as it is, before any offloaded block is read: the storage of a
+    # block read and freed may be reused by the next one, which must not make it a "duplicate".
+    state = model.state_dict(keep_vars=True)
+    first: set = set()
+    names = []
+    for name in sorted(state):
+        t = state[name]
+        key = (("meta", id(t)) if t.device.type == "meta" else
+               (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype))
+        if key not in first:
+            first.add(key)
+            names.append(name)
     hasher = hashlib.sha256()
-    seen = set()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in state_items(model, names):
         if t.device.type == "meta":
             raise PrunekitError(
                 f"cannot hash weight '{name}': it is on the meta device; load the weights first"
             )
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
         hasher.update(f"{name}\0".encode())
-        _update(hasher, t)
+        _update(hasher, t.detach())
     return hasher.hexdigest()
 
 

@@ -4,7 +4,7 @@
 so a target and the value measured here can be reported side by side.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -15,23 +15,27 @@ def _zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
-def layer_sparsity(weights: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+"""Named tensors: a mapping, or (name, tensor) pairs read once (an offloaded model's, one block at a time)."""
+
+
+def layer_sparsity(weights: Weights) -> dict[str, dict]:
     """Zeros, size and sparsity of each named tensor: `name -> {"zeros", "numel", "sparsity"}`.
 
     An empty tensor (possible after physical removal) has sparsity 0.0.
     """
     report = {}
-    for name, t in weights.items():
+    for name, t in weights.items() if isinstance(weights, Mapping) else weights:
         zeros, numel = _zeros(t), t.numel()
         report[name] = {"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0}
     return report
 
 
-def sparsity_summary(weights: Mapping[str, torch.Tensor]) -> dict:
+def sparsity_summary(weights: Weights) -> dict:
     """Overall sparsity of the given tensors (zeros over elements: large layers weigh more), and per layer."""
-    if not weights:
-        raise PrunekitError("sparsity_summary got no weights; pass a mapping of name -> tensor")
     per_layer = layer_sparsity(weights)
+    if not per_layer:
+        raise PrunekitError("sparsity_summary got no weights; pass a mapping of name -> tensor")
     zeros = sum(r["zeros"] for r in per_layer.values())
     numel = sum(r["numel"] for r in per_layer.values())
     return {
@@ -43,11 +47,14 @@ def sparsity_summary(weights: Mapping[str, torch.Tensor]) -> dict:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Total and nonzero parameters; a parameter shared by several modules (tied embeddings) counts once."""
-    params = list(model.parameters())  # `parameters()` yields each shared Parameter once
+    """Total and nonzero parameters; a parameter shared by several modules (tied embeddings) counts once. An
+    offloaded model's blocks are read from their files one at a time (`weights.engine.state_items`)."""
+    from prunekit.weights.engine import state_items
+
+    params = dict(model.named_parameters())  # each shared Parameter once, under its first name
     return {
-        "total": sum(p.numel() for p in params),
-        "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
+        "total": sum(p.numel() for p in params.values()),
+        "nonzero": sum(int(torch.count_nonzero(t)) for name, t in state_items(model) if name in params),
     }
 
 

@@ -31,6 +31,7 @@ from prunekit.recovery.methods import (
     zero_masks,
 )
 from prunekit.training.masks import Masks
+from prunekit.weights.engine import refuse_offloaded
 
 # Learning rates that heal within a short budget (thousands to millions of tokens): adapters and the few PERP
 # parameters tolerate a large rate, full fine-tuning of every weight a small one. Measured on SmolLM2-135M after 50%
@@ -183,6 +184,7 @@ def heal(
     Every option is checked before the model changes. If training fails, LoRA adapters are removed (the model is
     as it was); 'full' and 'perp' leave the weights of the last finished step.
     """
+    refuse_offloaded(model, "healing")
     lora_roles = tuple(lora_roles)
     steps = check_heal_options(method, tokens, seq_len=seq_len, batch_size=batch_size, accumulation=accumulation,
                                lr=lr, warmup=warmup, weight_decay=weight_decay, lora_rank=lora_rank,

@@ -49,6 +49,7 @@ from prunekit.structure.select import (
     removable,
     uniform_counts,
 )
+from prunekit.weights.engine import refuse_offloaded
 
 
 def check_structure_options(method: str, remove: float, allocation: str = "uniform", mode: str = "remove",
@@ -354,6 +355,7 @@ def prune_structure(
 
     Every option, and whether the budget is possible, is checked before the model changes.
     """
+    refuse_offloaded(model, "structured pruning")
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):

@@ -8,6 +8,10 @@ every projection's input, prune the block, and run it again so that the next blo
 the *pruned* block (as in SparseGPT and Wanda). Memory is one block on the compute device plus the calibration
 activations (kept on `activation_device`), never the whole model's.
 
+Where a block's weights wait while another block computes is a `BlockWeights` object: by default the model's own
+blocks, moved to the compute device and back; for a model loaded with `prunekit.weights.offload.load_offloaded`, files
+on disk, so that pruning a model needs memory for one block, not for all of them.
+
 Pruning returns its keep-masks (one per targeted weight, in the parameter's own layout and by its full name) when
 asked, in the form `prunekit.training.Masks` takes, so that the zeros can be held while fine-tuning.
 """
@@ -15,6 +19,7 @@ asked, in the form `prunekit.training.Masks` takes, so that the zeros can be hel
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -25,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from prunekit.adapters import Adapter, is_conv1d, projection_weight, set_projection_weight
+from prunekit.adapters import Adapter, adapter_for, is_conv1d, projection_weight, set_projection_weight
 from prunekit.allocation import outlier_ratio, owl_nm_patterns, owl_sparsities
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
@@ -143,6 +148,88 @@ class _StandIns:
         self._handles, self._saved = [], []
 
 
+class BlockWeights:
+    """Where a model's blocks keep their weights while the engine is not computing them, and how a block gets to
+    the compute device. This default keeps them in the model: `enter` moves a block to the device and `leave` moves
+    it back. `prunekit.weights.offload` keeps them in files instead."""
+
+    def __init__(self) -> None:
+        self._homes: dict[int, torch.device] = {}
+
+    def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
+        """Make block `index`'s weights usable on `device`."""
+        self._homes[index] = next(block.parameters()).device
+        block.to(device)
+
+    def leave(self, index: int, block: nn.Module, *, changed: bool) -> None:
+        """Put block `index` away; `changed` says that its weights were pruned meanwhile (and must be kept)."""
+        block.to(self._homes.pop(index))
+
+    @property
+    def offloaded(self) -> bool:
+        """True when the blocks' weights are not in the model (they exist only between `enter` and `leave`)."""
+        return False
+
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, BlockWeights] = weakref.WeakKeyDictionary()
+
+
+def attach_block_weights(model: nn.Module, weights: BlockWeights) -> None:
+    """Make `weights` the place the engine takes `model`'s blocks from (`prunekit.weights.offload`)."""
+    _ATTACHED[model] = weights
+
+
+def block_weights(model: nn.Module) -> BlockWeights:
+    """The `BlockWeights` of `model`: the one attached to it, else a fresh default."""
+    return _ATTACHED.get(model) or BlockWeights()
+
+
+def refuse_offloaded(model: nn.Module, what: str) -> None:
+    """Refuse to run `what`, which needs the model's weights in memory, on an offloaded model."""
+    if block_weights(model).offloaded:
+        raise PrunekitError(f"{what} needs the model's weights in memory, but this model was loaded offloaded (its "
+                            "blocks stay in files); load it with prunekit.assets.load_causal_lm")
+
+
+def state_items(model: nn.Module, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the entries of `model.state_dict()` in the order of `names` (default: the state dict's).
+
+    An offloaded model's blocks are read from their files on the CPU one at a time, each while its entries are
+    yielded, so the order must keep every block's entries together (the state dict's order and sorted order do).
+    """
+    state = model.state_dict()
+    order = list(state) if names is None else names
+    store = block_weights(model)
+    if not store.offloaded:
+        yield from ((name, state[name]) for name in order)
+        return
+    adapter = adapter_for(model)
+    prefix = adapter.block_prefix(model) + "."
+    blocks = adapter.block_list(model)
+    current: tuple[int, dict[str, torch.Tensor]] | None = None
+    done: set[int] = set()
+    try:
+        for name in order:
+            if not name.startswith(prefix):
+                yield name, state[name]
+                continue
+            index_text, local = name[len(prefix):].split(".", 1)
+            index = int(index_text)
+            if current is None or current[0] != index:
+                if current is not None:
+                    store.leave(current[0], blocks[current[0]], changed=False)
+                    current = None
+                if index in done:
+                    raise ValueError(f"the entries of block {index} are not together in the order given")
+                store.enter(index, blocks[index], torch.device("cpu"))
+                current = (index, blocks[index].state_dict())
+                done.add(index)
+            yield name, current[1][local]
+    finally:
+        if current is not None:
+            store.leave(current[0], blocks[current[0]], changed=False)
+
+
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
     if not torch.isfinite(hidden).all():
         raise PrunekitError(f"non-finite (NaN or inf) activations {where}; the model or its inputs are broken")
@@ -210,12 +297,21 @@ def blockwise_forward(
 
     The model's own code runs before the blocks (`capture_block_inputs`) and after them (final norm, head, logit
     soft-capping), with the blocks standing in and block 0 returning the last block's output, so the result equals
-    a normal forward pass for any model whose blocks pass their output on unchanged.
+    a normal forward pass for any model whose blocks pass their output on unchanged. An offloaded model's blocks
+    are read from their files one at a time.
     """
     inputs = capture_block_inputs(model, blocks, token_ids, batch_size=batch_size, device=device,
                                   activation_device=activation_device)
+    weights = block_weights(model)
     for index, block in enumerate(tqdm(blocks, desc="forward block by block", unit="block", disable=not progress)):
-        inputs = run_block(block, index, inputs, device, _tensors_on(block, device))
+        if weights.offloaded:
+            weights.enter(index, block, device)
+            try:
+                inputs = run_block(block, index, inputs, device)
+            finally:
+                weights.leave(index, block, changed=False)
+        else:
+            inputs = run_block(block, index, inputs, device, _tensors_on(block, device))
     outside = _tensors_on(model, device, skip=blocks)
     for batch, item in zip(token_ids.split(batch_size), inputs, strict=True):
         # the stand-ins are removed before the caller sees the output, even if it never asks for the next one
@@ -237,37 +333,47 @@ class InputGroups:
         self.groups: list[tuple[str, ...]] = [g for g in adapter.shared_inputs if g[0] in self.projections]
         self.groups += [(name,) for name in self.projections if name not in grouped]
         self.groups.sort(key=lambda g: list(self.projections).index(g[0]))
-        self.stats = {
-            g: InputStats(projection_weight(self.projections[g[0]]).shape[1], hessian=hessian, device=device)
-            for g in self.groups
-        }
+        self._hessian, self._device = hessian, device
+        self.stats = {g: self._fresh(g) for g in self.groups}
         self._handles = []
         self._leader_input: dict[tuple[str, ...], torch.Tensor] = {}
         self._arrival: list[tuple[str, ...]] = []  # groups in the order their inputs arrive, learnt on one batch
         self._stop_at: tuple[str, ...] | None = None
 
-    def calibrate(self, block: nn.Module, index: int, inputs: list[BlockInput], device: torch.device) -> None:
+    def _fresh(self, group: tuple[str, ...]) -> InputStats:
+        features = projection_weight(self.projections[group[0]]).shape[1]
+        return InputStats(features, hessian=self._hessian, device=self._device)
+
+    def calibrate(self, block: nn.Module, index: int, inputs: list[BlockInput], device: torch.device,
+                  only: tuple[str, ...] | None = None) -> None:
         """Record the inputs of every projection of block `index` for all calibration batches, discarding the
         block's outputs.
 
         The first batch runs the whole block and shows which projection input arrives last; later batches stop
         there, which skips the last projection's own product (the MLP down projection: a quarter of the work).
+        With `only` (true-sequential calibration), the statistics of that one group are recorded afresh, each batch
+        running only up to its input: projections before it compute with their weights as they are now.
         """
+        groups = [only] if only is not None else self.groups
+        if only is not None:
+            self.stats[only] = self._fresh(only)
         self._arrival.clear()
-        self._stop_at = None
-        with self.recording(), torch.inference_mode():
+        self._stop_at = only
+        with self.recording(groups), torch.inference_mode():
             for item in inputs:
                 with contextlib.suppress(_LastInputRecorded):
                     _forward(block, index, item, device)
                 self._stop_at = self._stop_at or self._arrival[-1]
         tokens = sum(item.hidden.shape[:-1].numel() for item in inputs)
-        for group, stats in self.stats.items():
-            if stats.tokens != tokens:
-                raise RuntimeError(f"adapter error: '{group[0]}' saw {stats.tokens} calibration tokens, not {tokens}")
+        for group in groups:
+            if self.stats[group].tokens != tokens:
+                raise RuntimeError(f"adapter error: '{group[0]}' saw {self.stats[group].tokens} calibration tokens, "
+                                   f"not {tokens}")
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        for group in self.groups:
+    def recording(self, groups: Sequence[tuple[str, ...]] | None = None) -> Iterator[None]:
+        """While entered, the inputs of `groups` (default: all) are added to their statistics."""
+        for group in self.groups if groups is None else groups:
             self._handles.append(self.projections[group[0]].register_forward_pre_hook(self._leader(group)))
             for name in group[1:]:
                 self._handles.append(self.projections[name].register_forward_pre_hook(self._member(group, name)))
@@ -317,20 +423,22 @@ def owl_plan(
     `pattern`, each block's own N:M pattern (`owl_nm_patterns`) and the sparsity it implies."""
     blocks = adapter.block_list(model)
     ratios, sizes = [], []
+    weights = block_weights(model)
     for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
-        groups = InputGroups(adapter, block, hessian=False, device=device)
-        with groups.recording():
-            inputs = run_block(block, index, inputs, device)
-        scores = [
-            wanda_scores(projection_weight(groups.projections[name]), groups.stats[group].norms)
-            for group in groups.groups
-            for name in group
-        ]
-        ratios.append(outlier_ratio(scores, threshold))
-        sizes.append(sum(s.numel() for s in scores))
-        block.to(home)
+        weights.enter(index, block, device)
+        try:
+            groups = InputGroups(adapter, block, hessian=False, device=device)
+            with groups.recording():
+                inputs = run_block(block, index, inputs, device)
+            scores = [
+                wanda_scores(projection_weight(groups.projections[name]), groups.stats[group].norms)
+                for group in groups.groups
+                for name in group
+            ]
+            ratios.append(outlier_ratio(scores, threshold))
+            sizes.append(sum(s.numel() for s in scores))
+        finally:
+            weights.leave(index, block, changed=False)
     if pattern is not None and pattern.is_nm:
         patterns = owl_nm_patterns(ratios, pattern, limit, sizes)
         return BlockPlan([p.sparsity for p in patterns], ratios, patterns)
@@ -367,39 +475,48 @@ def prune_sequentially(
                             "gradients=calibration_gradients(...)")
     masks: dict[str, torch.Tensor] = {}
     label = str(pattern) if isinstance(pattern, Pattern) else "N:M per block"
+    store = block_weights(model)
     bar = tqdm(blocks, desc=f"{method.name} {label}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
         home = next(block.parameters()).device
-        block.to(device)
-        groups = InputGroups(adapter, block, hessian=method.statistics == "hessian", device=device)
-        # sparsity 0 is a no-op: SparseGPT would otherwise still zero the weights of inputs that never fire
-        active = patterns[index].is_nm or sparsities[index] > 0
-        if calibrated and active:
-            groups.calibrate(block, index, inputs, device)
-        decided: dict[str, torch.Tensor] = {}
-        for ordinal, group in enumerate(groups.groups if active else ()):
-            modules = [groups.projections[name] for name in group]
-            generator = torch.Generator(device=device).manual_seed(options.seed * 1_000_003 + index * 1009 + ordinal)
-            if method.statistics == "gradients":  # one gradient per weight, [out, in] like the weight
-                stats = [_parameter_layout(m, gradients[f"{prefix}.{index}.{n}.weight"]).to(device)
-                         for n, m in zip(group, modules, strict=True)]
-            else:
-                stats = groups.stats[group] if calibrated else None
-            weights = [projection_weight(m) for m in modules]
-            decision = method.prune_group(weights, stats, sparsities[index], patterns[index], options, generator)
-            for name, module, pruned, keep in zip(group, modules, decision.pruned(weights), decision.masks,
-                                                  strict=True):
-                set_projection_weight(module, pruned)
-                decided[name] = keep
-        if calibrated and index + 1 < len(blocks):
-            inputs = run_block(block, index, inputs, device)
-            for i, item in enumerate(inputs):
-                _check_finite(item.hidden, f"leaving block {index} (calibration batch {i})")
-        block.to(home)
-        if keep_masks:
-            for name, module in groups.projections.items():
-                keep = decided.get(name)
-                masks[f"{prefix}.{index}.{name}.weight"] = (
-                    torch.ones_like(module.weight, dtype=torch.bool) if keep is None
-                    else _parameter_layout(module, keep).to(home))
+        home = torch.device("cpu") if home.type == "meta" else home  # where the masks go
+        store.enter(index, block, device)
+        changed = False
+        try:
+            groups = InputGroups(adapter, block, hessian=method.statistics == "hessian", device=device)
+            # sparsity 0 is a no-op: SparseGPT would otherwise still zero the weights of inputs that never fire
+            active = patterns[index].is_nm or sparsities[index] > 0
+            if calibrated and active and not options.true_sequential:
+                groups.calibrate(block, index, inputs, device)
+            decided: dict[str, torch.Tensor] = {}
+            for ordinal, group in enumerate(groups.groups if active else ()):
+                if calibrated and options.true_sequential:  # on the outputs of the groups pruned before it
+                    groups.calibrate(block, index, inputs, device, only=group)
+                modules = [groups.projections[name] for name in group]
+                generator = torch.Generator(device=device).manual_seed(
+                    options.seed * 1_000_003 + index * 1009 + ordinal)
+                if method.statistics == "gradients":  # one gradient per weight, [out, in] like the weight
+                    stats = [_parameter_layout(m, gradients[f"{prefix}.{index}.{n}.weight"]).to(device)
+                             for n, m in zip(group, modules, strict=True)]
+                else:
+                    stats = groups.stats[group] if calibrated else None
+                weights = [projection_weight(m) for m in modules]
+                decision = method.prune_group(weights, stats, sparsities[index], patterns[index], options, generator)
+                for name, module, pruned, keep in zip(group, modules, decision.pruned(weights), decision.masks,
+                                                      strict=True):
+                    set_projection_weight(module, pruned)
+                    decided[name] = keep
+                changed = True
+            if calibrated and index + 1 < len(blocks):
+                inputs = run_block(block, index, inputs, device)
+                for i, item in enumerate(inputs):
+                    _check_finite(item.hidden, f"leaving block {index} (calibration batch {i})")
+            if keep_masks:
+                for name, module in groups.projections.items():
+                    keep = decided.get(name)
+                    masks[f"{prefix}.{index}.{name}.weight"] = (
+                        torch.ones(module.weight.shape, dtype=torch.bool, device=home) if keep is None
+                        else _parameter_layout(module, keep).to(home))
+        finally:
+            store.leave(index, block, changed=changed)
     return masks

@@ -34,6 +34,9 @@ class PruneOptions:
     admm_rho, admm_iterations, admm_ramp, admm_damping: ADMM's penalty, its number of iterations, the iterations
         over which its gradual mask reaches the target, and its dampening (Boža 2024 use 1, 20, 15 and 0.1).
     dsnot_cycles: the most prune-and-grow swaps DSnoT makes per output row (Zhang et al. 2024 use 50).
+    true_sequential: calibrate each input group of a block on the outputs of the groups already pruned before it
+        (attention projections pruned before the MLP's inputs are recorded), as SparseGPT's reference code offers;
+        by default every group of a block is calibrated on the dense block, in one pass.
     """
 
     seed: int = 0
@@ -44,6 +47,7 @@ class PruneOptions:
     admm_ramp: int = 15
     admm_damping: float = 0.1
     dsnot_cycles: int = DSNOT_CYCLES
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         check_admm_options(self.admm_rho, self.admm_iterations, self.admm_ramp, self.admm_damping)
@@ -52,7 +56,8 @@ class PruneOptions:
     def as_dict(self) -> dict:
         return {"seed": self.seed, "blocksize": self.blocksize, "damping": self.damping, "admm_rho": self.admm_rho,
                 "admm_iterations": self.admm_iterations, "admm_ramp": self.admm_ramp,
-                "admm_damping": self.admm_damping, "dsnot_cycles": self.dsnot_cycles}
+                "admm_damping": self.admm_damping, "dsnot_cycles": self.dsnot_cycles,
+                "true_sequential": self.true_sequential}
 
 
 @dataclass
