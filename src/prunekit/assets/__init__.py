@@ -25,6 +25,8 @@ from prunekit.assets._images import ImageSet, image_asset_names, load_images, sa
 from prunekit.assets._models import (
     LoadedModel,
     cache_dir,
+    causal_lm_path,
+    check_dtype,
     is_encoder,
     load_causal_lm,
     model_asset_names,
@@ -37,6 +39,8 @@ __all__ = [
     "ImageSet",
     "LoadedModel",
     "cache_dir",
+    "causal_lm_path",
+    "check_dtype",
     "image_asset_names",
     "is_encoder",
     "load_causal_lm",

@@ -226,6 +226,7 @@ def causal_lm_path(source: str | os.PathLike[str]) -> Path:
 
 
 def check_dtype(dtype: torch.dtype) -> None:
+    """Refuse anything but a floating-point torch dtype, in one line."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise PrunekitError(f"dtype {dtype!r} is not a floating-point torch.dtype (e.g. torch.float32)")
 

@@ -103,17 +103,15 @@ class OffloadedBlocks(BlockWeights):
     """The blocks of a model loaded by `load_offloaded`: read from the input's files, or from the work folder
     once pruned. The work folder is removed when this object is garbage-collected."""
 
-    def __init__(self, model: nn.Module, source: Path, files: dict[str, tuple[Path, str]], work: Path) -> None:
+    def __init__(self, model: nn.Module, files: dict[str, tuple[Path, str]], work: Path) -> None:
         super().__init__()
         adapter = adapter_for(model)
         self.prefix = adapter.block_prefix(model)
         blocks = adapter.block_list(model)
         self.names = [[f"{self.prefix}.{i}.{name}" for name in block.state_dict()] for i, block in enumerate(blocks)]
         self.dtypes = [{name: t.dtype for name, t in block.state_dict().items()} for block in blocks]
-        self.source = source
         self.files = files
         self.work = work
-        self.written: set[int] = set()
         self._cleanup = weakref.finalize(self, shutil.rmtree, work, ignore_errors=True)
 
     @property
@@ -147,7 +145,6 @@ class OffloadedBlocks(BlockWeights):
             os.replace(tmp, file)  # a block file is whole or absent, and replaces an earlier version of the block
             for name in self.names[index]:
                 self.files[name] = (file, name)
-            self.written.add(index)
         block.to("meta")
         if _TRIM is not None:
             # glibc raises its mmap threshold after large frees, and then keeps a freed block's memory in its heap
@@ -167,7 +164,7 @@ def load_offloaded(source: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from prunekit.assets._models import causal_lm_path, check_dtype
+    from prunekit.assets import causal_lm_path, check_dtype
 
     check_dtype(dtype)
     path = causal_lm_path(source)
@@ -223,7 +220,7 @@ def load_offloaded(source: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     except OSError as error:
         raise PrunekitError(f"cannot make a work folder for the pruned blocks in '{work_dir or tempfile.gettempdir()}'"
                             f": {error.strerror}") from None
-    attach_block_weights(model, OffloadedBlocks(model, path, files, work))
+    attach_block_weights(model, OffloadedBlocks(model, files, work))
     has_tokenizer = any((path / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
     return model, tokenizer
