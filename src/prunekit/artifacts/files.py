@@ -131,8 +131,9 @@ def clean_stale_siblings(path: PathLike) -> list[Path]:
     return handled
 
 
-def check_safetensors(path: PathLike) -> None:
-    """Refuse a safetensors file whose header is truncated, oversized, not JSON, or points past the file's end."""
+def check_safetensors(path: PathLike) -> tuple[dict, int]:
+    """Refuse a safetensors file whose header is truncated, oversized, not JSON, or points past the file's end;
+    return its header (tensor name -> dtype, shape, data_offsets) and the offset where its data starts."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -162,6 +163,7 @@ def check_safetensors(path: PathLike) -> None:
                 or not 0 <= offsets[0] <= offsets[1] <= data_size):
             raise PrunekitError(f"weights file '{path}' is truncated or corrupt: tensor '{name}' lies outside the "
                                 f"file's {data_size:,} data bytes")
+    return header, 8 + header_len
 
 
 def refuse_pickled_weights(directory: PathLike, what: str = "model directory") -> list[Path]:

@@ -25,13 +25,13 @@ import weakref
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.adapters import adapter_for
 from prunekit.adapters.moe import MoeAdapter
+from prunekit.artifacts.files import check_safetensors
 from prunekit.artifacts.io import MANIFEST, MANIFEST_LIMIT, atomic_directory, read_json_file, saved_class
 from prunekit.errors import PrunekitError
 from prunekit.weights.engine import BlockWeights, attach_block_weights, block_weights
@@ -51,6 +51,12 @@ def _libc_trim():
 _TRIM = _libc_trim()
 
 
+# safetensors' dtype names (the format is little-endian, as every machine torch runs on here)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 def _tensor_files(path: Path, model: nn.Module) -> dict[str, tuple[Path, str]]:
     """Where each tensor of the model is in a directory's safetensors files: model name -> (file, stored name).
 
@@ -65,32 +71,49 @@ def _tensor_files(path: Path, model: nn.Module) -> dict[str, tuple[Path, str]]:
     meta_state = model.state_dict()
     files: dict[str, tuple[Path, str]] = {}
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for stored in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                name, converted = rename_source_key(stored, renamings, converters, model.base_model_prefix,
-                                                    meta_state)
-                if converted is not None:
-                    raise PrunekitError(f"'{path}' stores '{stored}' in a form that loading converts; offloaded "
-                                        "loading reads tensors stored as the model holds them")
-                if name in files:
-                    raise PrunekitError(f"tensor '{name}' is stored twice in '{path}' ({files[name][0].name}, "
-                                        f"{file.name}); a model directory holds each tensor once")
-                files[name] = (file, stored)
+        header, _ = check_safetensors(file)
+        for stored in header:
+            if stored == "__metadata__":
+                continue
+            name, converted = rename_source_key(stored, renamings, converters, model.base_model_prefix, meta_state)
+            if converted is not None:
+                raise PrunekitError(f"'{path}' stores '{stored}' in a form that loading converts; offloaded "
+                                    "loading reads tensors stored as the model holds them")
+            if name in files:
+                raise PrunekitError(f"tensor '{name}' is stored twice in '{path}' ({files[name][0].name}, "
+                                    f"{file.name}); a model directory holds each tensor once")
+            files[name] = (file, stored)
     if not files:
         raise PrunekitError(f"model directory '{path}' has no safetensors weights to read block by block")
     return files
 
 
 def _read(files: dict[str, tuple[Path, str]], names: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors, read from their files on the CPU (each file opened once)."""
+    """The named tensors, read from their files on the CPU.
+
+    Each tensor's bytes are read on their own. The safetensors library's torch loader maps the whole file as
+    private memory instead, which a process whose memory is capped (RLIMIT_DATA) is refused for a file larger
+    than its cap, although only one block's pages would ever be touched."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name][0], []).append(name)
     tensors = {}
     for file, wanted in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as handle:
+        header, start = check_safetensors(file)
+        with file.open("rb") as handle:
             for name in wanted:
-                tensors[name] = handle.get_tensor(files[name][1])
+                entry = header[files[name][1]]
+                if entry.get("dtype") not in _DTYPES:
+                    raise PrunekitError(f"tensor '{name}' in '{file}' has dtype {entry.get('dtype')!r}, which "
+                                        f"offloaded loading does not read ({', '.join(_DTYPES)})")
+                begin, end = entry["data_offsets"]
+                data = bytearray(end - begin)
+                handle.seek(start + begin)
+                if handle.readinto(data) != len(data):
+                    raise PrunekitError(f"'{file}' ended inside tensor '{name}'; the file is truncated")
+                dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                tensors[name] = tensor.reshape(shape)
     return tensors
 
 
