@@ -281,7 +281,9 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{p['pruned'] / p['dense']:.2f} | {30 / (30 - n):.2f} |")
     healed = [r for r in rows if r["kind"] == "heal"]
     if healed:
-        text += (f"\n\nLoRA healing (rank 8, every projection, {healed[0]['tokens']:,} train tokens, merged): "
+        tokens = healed[0]["tokens"]
+        tokens = tokens["achieved"] if isinstance(tokens, dict) else tokens  # heal's record: target and achieved
+        text += (f"\n\nLoRA healing (rank 8, every projection, {tokens:,} train tokens, merged): "
                  f"perplexity before → after, and the share of the gap to dense ({dense['perplexity']:.2f}) "
                  "closed.\n\n| n | method | before | after | gap closed | heal s |\n|---:|---|---:|---:|---:|---:|")
         for r in healed:
