@@ -1,0 +1,163 @@
+"""Benchmark: every one-shot method of issue 11 on SmolLM2-135M, uniform and with OWL, from 50% to 80%, 2:4 and 4:8.
+
+The one-shot protocol of `bench/llm_oneshot.py` (calibration 32 x 512 tokens of the `wiki-summaries` train split,
+seed 0; perplexity on the first 64 non-overlapping 512-token windows of its held-out split), and its child process:
+each configuration runs in a fresh process (`bench/llm_oneshot.py --one`), so that its peak memory is its own, and its
+pruning time is a ratio to one dense forward over the calibration set timed in that same process just before pruning.
+
+    nice -n 10 .venv/bin/python bench/oneshot_grid.py              # resumes; the whole grid is about 130 runs
+    .venv/bin/python bench/oneshot_grid.py --only admm:uniform:0.7 sparsegpt:owl:0.7
+    .venv/bin/python bench/oneshot_grid.py --table
+
+Runs go in the order that decides the issue's targets first (the best methods at 50%, 2:4 and 70%), then the rest of
+the grid. Rows are appended to bench/results/oneshot_grid.jsonl as they finish; the table and plot go to
+bench/results/oneshot_grid.md/.png and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tables import append_row, place, read_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+RAW = RESULTS / "oneshot_grid.jsonl"
+MODEL = "smollm2-135m"
+HEADING = "## One-shot pruning beyond SparseGPT (issue 11)"
+BUDGETS = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
+BASE = ("magnitude", "wanda", "ria", "sparsegpt", "admm")
+METHODS = BASE + ("pruner-zero",) + tuple(f"{m}+dsnot" for m in BASE)
+FIRST = ["sparsegpt:uniform:0.7", "admm:uniform:0.5", "admm:uniform:2:4", "admm:uniform:0.7", "admm:owl:0.7",
+         "sparsegpt:owl:0.7", "sparsegpt:uniform:0.5", "sparsegpt:uniform:2:4"]
+
+
+def configs() -> list[str]:
+    """Every configuration as method:allocation:budget, the decisive ones first."""
+    grid = [f"{m}:{a}:{b}" for b in BUDGETS for m in METHODS for a in ("uniform", "owl")]
+    return FIRST + [c for c in grid if c not in FIRST]
+
+
+def run(args: argparse.Namespace, wanted: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = {r["config"] for r in read_rows(RAW)}
+    for config in ["dense", *wanted]:
+        if config in done:
+            continue
+        command = [sys.executable, str(Path(__file__).parent / "llm_oneshot.py"), "--one", config, "--model", MODEL,
+                   "--threads", str(args.threads), "--eval-windows", str(args.eval_windows)]
+        start = time.perf_counter()
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            print(f"{config}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+            continue
+        record = json.loads(result.stdout.strip().splitlines()[-1])
+        row = {"config": config, "dense_forward_s": record["dense_forward_s"], "environment": record["environment"]}
+        if config == "dense":
+            row |= {"perplexity": record["metrics"]["perplexity"], "evaluation": record["evaluation"]}
+        else:
+            prune = record["resources"]["prune"]
+            row |= {"perplexity": record["metrics"]["pruned"]["perplexity"], "prune_s": prune["wall_s"],
+                    "peak_rss_mb": prune["peak_rss_mb"], "achieved": record["metrics"]["sparsity"]["achieved"],
+                    "method": record["method"]}
+        append_row(RAW, row)
+        print(f"{config}: {row['perplexity']:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+
+def _budget_label(budget: str) -> str:
+    return budget if ":" in budget else f"{float(budget):.0%}"
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    by_config = {r["config"]: r for r in rows}
+    dense = by_config["dense"]
+    env = dense["environment"]
+    measured = [b for b in BUDGETS if any(c.split(":", 2)[2:] == [b] for c in by_config)]
+    lines = [
+        f"SmolLM2-135M (`{MODEL}`), dense perplexity {dense['perplexity']:.2f}. Calibration 32 × 512 tokens of the "
+        f"`wiki-summaries` train split (seed 0); perplexity on the first {args.eval_windows} non-overlapping "
+        f"512-token windows of its held-out split. Each cell: perplexity, then pruning time as a multiple of one dense "
+        f"forward over the calibration set timed in the same process, then peak resident memory while pruning (MB, "
+        f"model included). {args.threads} threads on {platform.processor() or platform.machine()} "
+        f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}; the machine was shared "
+        f"with other jobs, so times are rough (ratios are taken within one process). Empty cells are not measured yet. "
+        f"Regenerate: `.venv/bin/python bench/oneshot_grid.py`.", "",
+        "| method | " + " | ".join(_budget_label(b) for b in measured) + " |",
+        "|---|" + "---:|" * len(measured),
+    ]
+    for method in METHODS:
+        for allocation in ("uniform", "owl"):
+            cells = []
+            for budget in measured:
+                row = by_config.get(f"{method}:{allocation}:{budget}")
+                cells.append("" if row is None else
+                             f"{row['perplexity']:.2f} · {row['prune_s'] / row['dense_forward_s']:.1f}× · "
+                             f"{row['peak_rss_mb']:.0f}")
+            if any(cells):
+                name = method + (" + OWL" if allocation == "owl" else "")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["config"] == "dense")
+    fractions = [b for b in BUDGETS if ":" not in b]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method in METHODS:
+        for allocation, style in (("uniform", "-"), ("owl", "--")):
+            points = [(float(b), r["perplexity"]) for b in fractions for r in rows
+                      if r["config"] == f"{method}:{allocation}:{b}" and math.isfinite(r["perplexity"])]
+            if len(points) > 1:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, style, marker="o", label=method + (" + OWL" if allocation == "owl" else ""))
+    ax.axhline(dense["perplexity"], color="black", linestyle=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("unstructured sparsity")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("SmolLM2-135M one-shot pruning, wiki-summaries held-out")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(args: argparse.Namespace) -> None:
+    rows = read_rows(RAW)
+    text = table(rows, args)
+    print(text)
+    (RESULTS / "oneshot_grid.md").write_text(text + "\n", encoding="utf-8")
+    plot(rows, RESULTS / "oneshot_grid.png")
+    place("oneshot_grid", text + "\n\n![perplexity by sparsity](bench/results/oneshot_grid.png)", HEADING)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="configurations such as admm:uniform:0.7 or wanda+dsnot:owl:2:4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
+    args = parser.parse_args()
+    known = configs()
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}")
+    if not args.table:
+        run(args, args.only or known)
+    write(args)
+
+
+if __name__ == "__main__":
+    main()
