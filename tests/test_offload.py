@@ -73,6 +73,23 @@ def test_offloaded_pruning_is_bit_identical_to_in_memory(tmp_path, family, metho
         "pruned_weights_sha256"]
 
 
+def test_offloaded_prune_and_evaluate_read_each_block_once_per_pass(tmp_path, monkeypatch):
+    _, path = saved(tmp_path, "llama")
+    offloaded, _ = prunekit.load_offloaded(path)
+    store = block_weights(offloaded)
+    reads = []
+    original = type(store).read
+    monkeypatch.setattr(type(store), "read", lambda self, index: reads.append(index) or original(self, index))
+    record = prunekit.prune(offloaded, method="magnitude", sparsity=0.5, progress=False)
+    # the dense weights' hash, pruning, and one pass for the pruned hash, counts and per-layer sparsity
+    assert sorted(reads) == sorted(list(range(4)) * 3)
+    reads.clear()
+    evaluated = prunekit.evaluate(offloaded, None, data=calibration(), progress=False)
+    assert sorted(reads) == sorted(list(range(4)) * 2)  # perplexity, and one pass for the hash and sparsity
+    assert evaluated["model"]["weights_sha256"] == record["metrics"]["pruned_weights_sha256"]
+    assert evaluated["metrics"]["sparsity"] == record["metrics"]["sparsity"]["achieved"]
+
+
 def test_a_half_precision_checkpoint_is_pruned_in_the_requested_dtype(tmp_path):
     _, path = saved(tmp_path, "llama", dtype=torch.bfloat16)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

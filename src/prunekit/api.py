@@ -22,8 +22,8 @@ from prunekit.inputs import (
     evaluation_set,
     model_card,
 )
-from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, sparsity_summary
-from prunekit.measure.protocol import result_record, weights_sha256
+from prunekit.measure import ResourceMonitor, perplexity
+from prunekit.measure.protocol import result_record, weight_facts
 from prunekit.structure import prune_structure, saved_widths
 from prunekit.targets import projection_weights, target_weights
 from prunekit.weights.ecoflap import check_ecoflap_options, ecoflap_plan
@@ -33,7 +33,6 @@ from prunekit.weights.engine import (
     capture_block_inputs,
     owl_plan,
     prune_sequentially,
-    state_items,
 )
 from prunekit.weights.gradients import calibration_gradients
 from prunekit.weights.methods import METHODS, PruneOptions, WeightMethod, get_method
@@ -67,10 +66,11 @@ def evaluate(
     with ResourceMonitor() as monitor:
         tokens = evaluation_set(tokenizer, data, seq_len=seq_len, windows=windows)
         metrics = perplexity(model, tokens.ids, batch_size=batch_size, device=device, progress=progress)
-    metrics["sparsity"] = sparsity_summary(target_weights(model))["overall"]
+    facts = weight_facts(model, target_weights(model), counts=False)  # one read of each offloaded block
+    metrics["sparsity"] = facts["sparsity"]["overall"]
     return result_record(
-        model=model_card(model, model_source), method={"name": "none"}, calibration=None,
-        evaluation=tokens.info, metrics=metrics, resources=monitor.as_dict(),
+        model=model_card(model, model_source, weights_sha256=facts["weights_sha256"]), method={"name": "none"},
+        calibration=None, evaluation=tokens.info, metrics=metrics, resources=monitor.as_dict(),
     )
 
 
@@ -229,15 +229,15 @@ def prune(
     finally:
         model.train(was_training)
 
-    targets = set(target_weights(model))
-    summary = sparsity_summary((name, t) for name, t in state_items(model) if name in targets)
+    facts = weight_facts(model, target_weights(model))  # one read of each offloaded block
+    summary = facts["sparsity"]
     prefix = adapter.block_prefix(model) + "."
     for name, layer in summary["per_layer"].items():
         layer["target"] = plan.sparsities[int(name[len(prefix):].split(".", 1)[0])]
     metrics["sparsity"] = {"target": budget.sparsity, "achieved": summary["overall"],
                            "zeros": summary["zeros"], "numel": summary["numel"], "per_layer": summary["per_layer"]}
-    metrics["parameters"] = parameter_counts(model)
-    metrics["pruned_weights_sha256"] = weights_sha256(model)
+    metrics["parameters"] = facts["parameters"]
+    metrics["pruned_weights_sha256"] = facts["weights_sha256"]
     if eval_tokens is not None:
         metrics["pruned"] = perplexity(model, eval_tokens.ids, batch_size=4, device=compute, progress=progress)
 

@@ -12,8 +12,7 @@ from torch import nn
 
 from prunekit.corpus import TokenSet, calibration_tokens, evaluation_windows
 from prunekit.errors import PrunekitError
-from prunekit.measure import parameter_counts
-from prunekit.measure.protocol import weights_sha256
+from prunekit.measure import protocol
 
 
 def max_positions(config) -> int | None:
@@ -96,13 +95,16 @@ def compute_device(model: nn.Module, device: str | torch.device | None) -> torch
     return resolved
 
 
-def model_card(model: nn.Module, source: str | None) -> dict:
-    """The model part of the protocol card: where it came from, its class and type, weight hash and size."""
+def model_card(model: nn.Module, source: str | None, *, weights_sha256: str | None = None) -> dict:
+    """The model part of the protocol card: where it came from, its class and type, weight hash and size.
+    `weights_sha256`, when the caller has just hashed the weights (`measure.protocol.weight_facts`), is used as
+    given instead of hashing again."""
     config = getattr(model, "config", None)
     return {
         "source": source or getattr(config, "_name_or_path", None) or type(model).__name__,
         "class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
-        "weights_sha256": weights_sha256(model),
-        "parameters": parameter_counts(model)["total"],
+        "weights_sha256": weights_sha256 or protocol.weights_sha256(model),
+        # each shared Parameter once; reading no values, so an offloaded model's blocks are not read again
+        "parameters": sum(p.numel() for p in dict(model.named_parameters()).values()),
     }

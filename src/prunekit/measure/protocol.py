@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import platform
+from collections.abc import Iterable
 
 import torch
 
@@ -75,29 +76,47 @@ def weights_sha256(model: torch.nn.Module) -> str:
     order, so tying is part of the hash but does not double the work. An offloaded model's blocks are read from
     their files one at a time (`weights.engine.state_items`).
     """
+    return weight_facts(model, counts=False)["weights_sha256"]
+
+
+def weight_facts(model: torch.nn.Module, targets: Iterable[str] = (), *, counts: bool = True) -> dict:
+    """In one pass over the weights (one read of each block of an offloaded model): `weights_sha256`, with
+    `counts` the parameter counts of `measure.parameter_counts` ("parameters": total and nonzero), and when
+    `targets` names tensors, their `measure.sparsity_summary` ("sparsity", per layer in the state dict's order)."""
+    from prunekit.measure.sparsity import layer_sparsity, summarise
     from prunekit.weights.engine import state_items
 
     # Shared entries are found on the state dict as it is, before any offloaded block is read: the storage of a
     # block read and freed may be reused by the next one, which must not make it a "duplicate".
     state = model.state_dict(keep_vars=True)
     first: set = set()
-    names = []
+    hashed = set()
     for name in sorted(state):
         t = state[name]
         key = (("meta", id(t)) if t.device.type == "meta" else
                (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype))
         if key not in first:
             first.add(key)
-            names.append(name)
-    hasher = hashlib.sha256()
-    for name, t in state_items(model, names):
-        if t.device.type == "meta":
-            raise PrunekitError(
-                f"cannot hash weight '{name}': it is on the meta device; load the weights first"
-            )
-        hasher.update(f"{name}\0".encode())
-        _update(hasher, t.detach())
-    return hasher.hexdigest()
+            hashed.add(name)
+    params = dict(model.named_parameters()) if counts else {}  # each shared Parameter once, under its first name
+    targets = set(targets)
+    hasher, nonzero, per_layer = hashlib.sha256(), 0, {}
+    for name, t in state_items(model, sorted(hashed | set(params) | targets)):
+        if name in hashed:
+            if t.device.type == "meta":
+                raise PrunekitError(f"cannot hash weight '{name}': it is on the meta device; load the weights first")
+            hasher.update(f"{name}\0".encode())
+            _update(hasher, t.detach())
+        if name in params:
+            nonzero += int(torch.count_nonzero(t))
+        if name in targets:
+            per_layer |= layer_sparsity([(name, t)])
+    facts = {"weights_sha256": hasher.hexdigest()}
+    if counts:
+        facts["parameters"] = {"total": sum(p.numel() for p in params.values()), "nonzero": nonzero}
+    if targets:
+        facts["sparsity"] = summarise({name: per_layer[name] for name in state if name in per_layer})
+    return facts
 
 
 def _unserialisable_path(value: object, path: str) -> str | None:

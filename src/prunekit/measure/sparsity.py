@@ -36,6 +36,11 @@ def sparsity_summary(weights: Weights) -> dict:
     per_layer = layer_sparsity(weights)
     if not per_layer:
         raise PrunekitError("sparsity_summary got no weights; pass a mapping of name -> tensor")
+    return summarise(per_layer)
+
+
+def summarise(per_layer: dict[str, dict]) -> dict:
+    """`sparsity_summary` of the per-layer report of `layer_sparsity`."""
     zeros = sum(r["zeros"] for r in per_layer.values())
     numel = sum(r["numel"] for r in per_layer.values())
     return {
