@@ -42,8 +42,10 @@ FIRST = ["sparsegpt:uniform:0.7", "admm:uniform:0.5", "admm:uniform:2:4", "admm:
 
 
 def configs() -> list[str]:
-    """Every configuration as method:allocation:budget, the decisive ones first."""
-    grid = [f"{m}:{a}:{b}" for b in BUDGETS for m in METHODS for a in ("uniform", "owl")]
+    """Every configuration as method:allocation:budget, the decisive ones first, then 70% (where OWL is meant to
+    help), then the other budgets."""
+    order = ("0.7", "0.5", "2:4", "0.8", "0.6", "4:8")
+    grid = [f"{m}:{a}:{b}" for b in order for m in METHODS for a in ("uniform", "owl")]
     return FIRST + [c for c in grid if c not in FIRST]
 
 
