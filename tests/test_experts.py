@@ -283,6 +283,50 @@ def test_inside_experts_prunes_each_row(method):
     assert torch.isfinite(logits(model)).all()
 
 
+def _routed_error(layer, inputs, expert, weights):
+    """Σ over the expert's routed tokens of ||X(W - Ŵ)ᵀ||² for gate+up and for down, from its Gram matrices."""
+    total = 0.0
+    for gram, names in ((inputs.hidden_gram[expert], ("gate", "up")), (inputs.inner_gram[expert], ("down",))):
+        for name in names:
+            diff = (weights["dense"][name] - weights["pruned"][name]).double()
+            total += torch.einsum("oi,ij,oj->", diff, gram.double(), diff).item()
+    return total
+
+
+def test_sparsegpt_inside_experts_keeps_sparsity_exact_and_reconstructs_better_than_wanda():
+    dense = tiny_moe_lm("mixtral")
+    layer_index = adapter_for(dense).moe_layers(dense)[0].index
+    errors = {}
+    for method in ("wanda", "sparsegpt"):
+        model = copy.deepcopy(dense)
+        masks = prune_expert_weights(model, IDS, method=method, sparsity=0.5)
+        keep = masks[f"model.layers.{layer_index}.mlp.experts.gate_up_proj"]
+        layer = adapter_for(model).moe_layers(model)[0]
+        assert keep.sum().item() == keep.numel() // 2  # exact, gate and up each at 50%
+        assert torch.equal(layer.experts.gate_up_proj == 0, ~keep)
+        # the first MoE layer sees the dense model's inputs: compare on the same routed tokens
+        inputs = expert_input_statistics(dense, IDS, gram=True)[0]
+        dense_layer = adapter_for(dense).moe_layers(dense)[0]
+        errors[method] = sum(_routed_error(layer, inputs, e, {"dense": expert_weights(dense_layer.experts, e),
+                                                              "pruned": expert_weights(layer.experts, e)})
+                             for e in range(layer.experts.down_proj.shape[0]) if inputs.counts[e] > 0)
+    assert errors["sparsegpt"] < 0.9 * errors["wanda"]
+
+
+def test_sparsegpt_prunes_an_expert_no_token_reached_by_magnitude():
+    model = tiny_moe_lm("mixtral")
+    never_routed(model, 0)
+    layer = adapter_for(model).moe_layers(model)[0]
+    before = {k: v.clone() for k, v in expert_weights(layer.experts, 0).items()}
+    prune_expert_weights(model, IDS, method="sparsegpt", sparsity=0.5)
+    for name, weight in expert_weights(layer.experts, 0).items():
+        expected = before[name].masked_fill(before[name].abs() <= before[name].abs().median(), 0)
+        kept = weight != 0
+        assert kept.sum().item() == weight.numel() // 2
+        assert torch.equal(weight[kept], before[name][kept])  # no update without a Gram matrix
+        assert torch.equal(weight.abs() > 0, expected.abs() > 0), name
+
+
 def test_moe_pruner_equals_wanda_when_every_gate_is_one():
     # top-1 with renormalisation: every routed token has gate weight 1, so ‖X ⊙ g‖ = ‖X‖
     masks = [prune_expert_weights(tiny_moe_lm("mixtral", top_k=1), IDS, method=m, sparsity=0.5)

@@ -23,5 +23,5 @@ DATA_MODES = ("hard", "easy", "band", "ccs")
 # Healing a pruned causal LM (`prunekit.heal`) and its distillation losses.
 HEAL_METHODS = ("lora", "full", "perp")
 EXPERT_CRITERIA = ("frequency", "gate", "reconstruction", "router_norm", "random")
-EXPERT_INSIDE_METHODS = ("moe_pruner", "wanda")
+EXPERT_INSIDE_METHODS = ("moe_pruner", "wanda", "sparsegpt")
 DISTILL_MODES = ("logits", "logits+hidden")

@@ -14,7 +14,13 @@ from prunekit.experts.criteria import (
     router_norm_scores,
     statistic_scores,
 )
-from prunekit.experts.inside import INSIDE_METHODS, check_inside_options, prune_expert_weights
+from prunekit.experts.inside import (
+    INSIDE_METHODS,
+    SPARSEGPT_BLOCKSIZE,
+    SPARSEGPT_DAMPING,
+    check_inside_options,
+    prune_expert_weights,
+)
 from prunekit.experts.remove import removal_count, remove_experts, select_experts
 from prunekit.experts.routing import moe_adapter, router_statistics
 from prunekit.inputs import (
@@ -143,7 +149,8 @@ def prune_inside_experts(
     return_masks: bool = False,
 ):
     """Zero `sparsity` of each output row of every expert's weights (gate, up, down), scored on the expert's
-    routed calibration tokens by `method` ('moe_pruner' or 'wanda', see `prunekit.experts.inside`), in place.
+    routed calibration tokens by `method` ('moe_pruner' or 'wanda', see `prunekit.experts.inside`), in place;
+    'sparsegpt' zeroes `sparsity` of each projection of every expert and updates the weights it keeps.
 
     Returns the result record, or `(record, masks)` with `return_masks` (keep-masks by parameter name, in the 3-D
     parameters' layout; `prunekit.training.Masks` cannot hold them yet, as the experts are not among
@@ -171,9 +178,13 @@ def prune_inside_experts(
     metrics["pruned_weights_sha256"] = weights_sha256(model)
     if eval_tokens is not None:
         metrics["pruned"] = perplexity(model, eval_tokens.ids, batch_size=4, progress=progress)
+    method_card = {"name": f"experts-inside-{method}", "summary": INSIDE_METHODS[method], "sparsity": sparsity,
+                   "pattern": "per output row", "seed": seed, "batch_size": batch_size}
+    if method == "sparsegpt":
+        method_card.update(pattern="per projection, by blocks of columns", blocksize=SPARSEGPT_BLOCKSIZE,
+                           damping=SPARSEGPT_DAMPING)
     record = result_record(
-        model=card, method={"name": f"experts-inside-{method}", "summary": INSIDE_METHODS[method],
-                            "sparsity": sparsity, "pattern": "per output row", "seed": seed, "batch_size": batch_size},
+        model=card, method=method_card,
         calibration=calib.info, evaluation=eval_tokens.info if eval_tokens else None, metrics=metrics,
         resources={"prune": monitor.as_dict(), "device": str(compute_device(model, device)),
                    "threads": torch.get_num_threads()},

@@ -30,10 +30,11 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="experts removed per layer: a number (2) or a fraction of the experts (0.25); at least top-k "
                         "must remain")
     p.add_argument("--inside", choices=INSIDE_METHODS, default=None,
-                   help="instead of removing experts, prune the weights inside each expert by this score on its "
+                   help="instead of removing experts, prune the weights inside each expert by this method on its "
                         "routed tokens (with --sparsity)")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="--inside: fraction of each expert's weights zeroed in every output row")
+                   help="--inside: fraction of each expert's weights zeroed in every output row (sparsegpt: in "
+                        "each projection, with the kept weights updated)")
     p.add_argument("--merge", action="store_true",
                    help="fold each removed expert into its nearest kept expert (weight cosine) instead of dropping it")
     p.add_argument("--pretrained", default=None,

@@ -2,7 +2,10 @@
 
 MoE-Pruner (Xie et al. 2024) scores a weight by |W_ij|·‖X_j ⊙ g‖₂, the input feature's norm over the tokens routed
 to the expert with each token scaled by its gate weight g (Eq. 3), and compares scores within each output row;
-Wanda (Sun et al. 2024) is the same with g = 1, here counted over the expert's routed tokens only.
+Wanda (Sun et al. 2024) is the same with g = 1, here counted over the expert's routed tokens only. SparseGPT (Frantar
+& Alistarh 2023) prunes each expert's projections with its OBS weight update, from the Gram matrix XᵀX of the
+expert's routed tokens; gate and up share one column sweep. An expert that no calibration token reached has no
+Gram matrix: it is pruned with the identity in its place (magnitude pruning, no update).
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.adapters.moe import expert_weights
+from prunekit.budget import parse_pattern
 from prunekit.errors import PrunekitError
 from prunekit.experts.routing import ExpertInputs, moe_adapter, new_expert_inputs, record_expert_inputs
 from prunekit.inputs import compute_device
 from prunekit.select import row_mask
 from prunekit.weights.engine import _tensors_on, capture_block_inputs, run_block
 from prunekit.weights.scores import wanda_scores
+from prunekit.weights.sparsegpt import sparsegpt_prune
 
 INSIDE_METHODS = {
     "moe_pruner": "|W|·‖X ⊙ g‖₂ over the expert's routed tokens, g the gate weight (MoE-Pruner)",
     "wanda": "|W|·‖X‖₂ over the expert's routed tokens (Wanda)",
+    "sparsegpt": "SparseGPT's mask and weight update from XᵀX of the expert's routed tokens",
 }
+SPARSEGPT_BLOCKSIZE, SPARSEGPT_DAMPING = 128, 0.01
 
 
 def check_inside_options(method: str, sparsity: float) -> None:
@@ -52,7 +59,8 @@ def expert_masks(weights: dict[str, torch.Tensor], inputs: ExpertInputs, expert:
 def prune_expert_weights(model: nn.Module, token_ids: torch.Tensor, *, method: str = "moe_pruner",
                          sparsity: float = 0.5, batch_size: int = 8, device: str | torch.device | None = None,
                          progress: bool = False) -> dict[str, torch.Tensor]:
-    """Zero `sparsity` of every expert's weights in each output row, by `method`'s scores on the calibration
+    """Zero `sparsity` of every expert's weights in each output row (moe_pruner, wanda; sparsegpt: of each
+    projection, chosen per block of columns, with the remaining weights updated), by `method` on the calibration
     `token_ids`, in place. Returns the keep-masks by parameter name, in the parameters' own 3-D layout
     ([experts, 2·intermediate, hidden] and [experts, hidden, intermediate]).
 
@@ -77,7 +85,7 @@ def prune_expert_weights(model: nn.Module, token_ids: torch.Tensor, *, method: s
             tensors = _tensors_on(block, compute)
             if index in layers:
                 layer = layers[index]
-                entry = new_expert_inputs(layer)
+                entry = new_expert_inputs(layer, gram=method == "sparsegpt")
                 handle = record_expert_inputs(layer, entry)
                 try:
                     run_block(block, index, inputs, compute, tensors)
@@ -99,9 +107,30 @@ def _prune_layer(layer, inputs: ExpertInputs, method: str, sparsity: float) -> d
     down = torch.ones_like(experts.down_proj, dtype=torch.bool)
     with torch.no_grad():
         for expert in range(experts.down_proj.shape[0]):
-            keep = expert_masks(expert_weights(experts, expert), inputs, expert, method, sparsity)
+            if method == "sparsegpt":
+                keep = _sparsegpt_expert(experts, inputs, expert, sparsity)
+            else:
+                keep = expert_masks(expert_weights(experts, expert), inputs, expert, method, sparsity)
             gate_up[expert] = torch.cat([keep["gate"], keep["up"]], dim=0).to(gate_up.device)
             down[expert] = keep["down"].to(down.device)
         experts.gate_up_proj.data.mul_(gate_up)
         experts.down_proj.data.mul_(down)
     return {"gate_up_proj": gate_up, "down_proj": down}
+
+
+def _sparsegpt_expert(experts: nn.Module, inputs: ExpertInputs, expert: int, sparsity: float) -> dict:
+    """SparseGPT on one expert, in place: gate and up (stacked, one sweep, each at `sparsity`), then down."""
+    pattern = parse_pattern(None)
+    routed = int(inputs.counts[expert]) > 0
+    keep = {}
+    for names, gram, parameter in ((("gate", "up"), inputs.hidden_gram, experts.gate_up_proj),
+                                   (("down",), inputs.inner_gram, experts.down_proj)):
+        weight = parameter.data[expert]
+        hessian = gram[expert] if routed else torch.eye(weight.shape[1])
+        updated, mask = sparsegpt_prune(weight, hessian.to(weight.device), sparsity=sparsity, pattern=pattern,
+                                        blocksize=SPARSEGPT_BLOCKSIZE, damping=SPARSEGPT_DAMPING,
+                                        row_groups=[weight.shape[0] // len(names)] * len(names))
+        weight.copy_(updated.to(weight.dtype))
+        for name, part in zip(names, mask.chunk(len(names)), strict=True):
+            keep[name] = part
+    return keep

@@ -154,6 +154,8 @@ class ExpertInputs:
     inner_sq[e], inner_gated_sq[e]: the same for the input of e's down projection, act(gate x) ⊙ up x
         ([experts, intermediate]).
     counts[e]: tokens routed to e.
+    hidden_gram[e], inner_gram[e]: only when asked for (SparseGPT), XᵀX over e's routed tokens of the same two
+        inputs ([experts, hidden, hidden] and [experts, intermediate, intermediate], float32).
     """
 
     index: int
@@ -162,14 +164,17 @@ class ExpertInputs:
     inner_sq: torch.Tensor
     inner_gated_sq: torch.Tensor
     counts: torch.Tensor
+    hidden_gram: torch.Tensor | None = None
+    inner_gram: torch.Tensor | None = None
 
 
-def new_expert_inputs(layer: MoeLayer) -> ExpertInputs:
-    """Empty `ExpertInputs` for one MoE layer."""
+def new_expert_inputs(layer: MoeLayer, *, gram: bool = False) -> ExpertInputs:
+    """Empty `ExpertInputs` for one MoE layer; with `gram`, also every expert's two input Gram matrices."""
     experts, hidden, inner = layer.experts.down_proj.shape
+    grams = [torch.zeros(experts, width, width) for width in (hidden, inner)] if gram else [None, None]
     return ExpertInputs(layer.index, *(torch.zeros(experts, width, dtype=torch.float64)
                                        for width in (hidden, hidden, inner, inner)),
-                        torch.zeros(experts, dtype=torch.long))
+                        torch.zeros(experts, dtype=torch.long), *grams)
 
 
 def record_expert_inputs(layer: MoeLayer, entry: ExpertInputs):
@@ -191,15 +196,19 @@ def record_expert_inputs(layer: MoeLayer, entry: ExpertInputs):
             entry.inner_sq[expert] += h.pow(2).sum(0).cpu()
             entry.inner_gated_sq[expert] += (gate * h).pow(2).sum(0).cpu()
             entry.counts[expert] += len(tokens)
+            if entry.hidden_gram is not None:
+                entry.hidden_gram[expert] += (x.T @ x).float().cpu()
+                entry.inner_gram[expert] += (h.T @ h).float().cpu()
 
     return layer.experts.register_forward_pre_hook(hook)
 
 
 def expert_input_statistics(model: nn.Module, token_ids: torch.Tensor, *, batch_size: int = 8,
-                            progress: bool = False) -> list[ExpertInputs]:
-    """`ExpertInputs` of every MoE layer of the model as it is, on the calibration `token_ids`."""
+                            progress: bool = False, gram: bool = False) -> list[ExpertInputs]:
+    """`ExpertInputs` of every MoE layer of the model as it is, on the calibration `token_ids` (with `gram`, the
+    Gram matrices too)."""
     layers = moe_adapter(model).moe_layers(model)
-    stats = [new_expert_inputs(layer) for layer in layers]
+    stats = [new_expert_inputs(layer, gram=gram) for layer in layers]
     with _hooks([record_expert_inputs(layer, entry) for layer, entry in zip(layers, stats, strict=True)]):
         _forward_batches(model, token_ids, batch_size, progress, "expert input statistics")
     return stats
