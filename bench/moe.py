@@ -19,8 +19,8 @@ random on the same fine-tuned model.
 Bench (`bench` stage): perplexity on the first `--eval-windows` non-overlapping 256-token windows of the held-out
 split of: the dense model; `prunekit.experts.prune_experts` removing 25% and 50% of each layer's experts by
 frequency, gate, reconstruction and random (seeds 0, 1, 2), and merging instead of dropping for the best informed
-criterion; `prune_inside_experts` by MoE-Pruner and Wanda at 50% sparsity of the expert weights. Calibration: 32 x
-256 tokens of the train split of the evaluated text (`wiki-summaries` or `shakespeare`), seed 0.
+criterion; `prune_inside_experts` by MoE-Pruner, Wanda and SparseGPT at 50% sparsity of the expert weights.
+Calibration: 32 x 256 tokens of the train split of the evaluated text (`wiki-summaries` or `shakespeare`), seed 0.
 
     nice -n 10 .venv/bin/python bench/moe.py            # train (about 20 minutes on 2 cores), fine-tune, bench
     .venv/bin/python bench/moe.py --table               # rebuild the table and plot from the JSON lines
@@ -52,7 +52,7 @@ EXPERTS, TOP_K = 8, 2
 FRACTIONS = (0.25, 0.5)
 INFORMED = ("frequency", "gate", "reconstruction")
 RANDOM_SEEDS = (0, 1, 2)
-INSIDE = ("moe_pruner", "wanda")
+INSIDE = ("moe_pruner", "wanda", "sparsegpt")
 CALIBRATION = dict(calibration_samples=32, calibration_seq_len=SEQ_LEN, seed=0, batch_size=8, progress=False)
 TRAIN_LR, FINETUNE_LR = 2e-3, 3e-4
 COLORS = {"frequency": "C0", "gate": "C1", "reconstruction": "C2", "router_norm": "C3", "random": "grey"}
@@ -423,7 +423,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"bench/moe.py` (training is skipped when the model exists in the cache).", "",
         f"**Held-out `wiki-summaries`** (the training text{_balance(rows, 'wiki-summaries')}):", "",
         *_experts_table(rows, "wiki-summaries"), "",
-        "**Weights inside the experts at 50% (per output row), held-out `wiki-summaries`:**", "",
+        "**Weights inside the experts at 50% (per output row; SparseGPT per projection, with its weight update), "
+        "held-out `wiki-summaries`:**", "",
         *_inside_table(rows)]
     if any(r["data"] == "shakespeare" and r["kind"] == "dense" for r in rows):
         lines += ["", "**Held-out `shakespeare`**, on the model fine-tuned on Shakespeare (router_norm compares it "
