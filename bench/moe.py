@@ -19,7 +19,7 @@ random on the same fine-tuned model.
 Bench (`bench` stage): perplexity on the first `--eval-windows` non-overlapping 256-token windows of the held-out
 split of: the dense model; `prunekit.experts.prune_experts` removing 25% and 50% of each layer's experts by
 frequency, gate, reconstruction and random (seeds 0, 1, 2), and merging instead of dropping for the best informed
-criterion; `prune_inside_experts` by MoE-Pruner, Wanda and SparseGPT at 50% sparsity of the expert weights.
+criterion; `prune_inside_experts` by MoE-Pruner, Wanda and SparseGPT at 50% and 70% sparsity of the expert weights.
 Calibration: 32 x 256 tokens of the train split of the evaluated text (`wiki-summaries` or `shakespeare`), seed 0.
 
     nice -n 10 .venv/bin/python bench/moe.py            # train (about 20 minutes on 2 cores), fine-tune, bench
@@ -53,6 +53,7 @@ FRACTIONS = (0.25, 0.5)
 INFORMED = ("frequency", "gate", "reconstruction")
 RANDOM_SEEDS = (0, 1, 2)
 INSIDE = ("moe_pruner", "wanda", "sparsegpt")
+INSIDE_SPARSITIES = (0.5, 0.7)
 CALIBRATION = dict(calibration_samples=32, calibration_seq_len=SEQ_LEN, seed=0, batch_size=8, progress=False)
 TRAIN_LR, FINETUNE_LR = 2e-3, 3e-4
 COLORS = {"frequency": "C0", "gate": "C1", "reconstruction": "C2", "router_norm": "C3", "random": "grey"}
@@ -292,8 +293,9 @@ def run_bench(args: argparse.Namespace) -> None:
     best = _best(_rows(), wiki.data)
     for fraction in FRACTIONS:
         wiki.experts(done, best, fraction, merge=True)
-    for method in INSIDE:
-        wiki.inside(done, method, 0.5)
+    for sparsity in INSIDE_SPARSITIES:
+        for method in INSIDE:
+            wiki.inside(done, method, sparsity)
     del wiki
     # router_norm: the wiki model (pretrained) against its Shakespeare fine-tune, beside the other criteria there
     shakespeare = Bench("shakespeare", _model_dir("moe-wiki"), args)
@@ -392,9 +394,11 @@ def reading(rows: list[dict]) -> str:
                 if value is not None:
                     sentences.append(f"Merging instead of dropping ({c}, {fraction:.0%}): {_fmt(value)} against "
                                      f"{_fmt(informed[c])}.")
-    inside = {r["criterion"]: r["perplexity"] for r in rows if r["kind"] == "inside"}
-    if len(inside) == len(INSIDE):
-        sentences.append("Inside the experts at 50%: " + ", ".join(f"{m} {_fmt(v)}" for m, v in inside.items()) + ".")
+    for sparsity in INSIDE_SPARSITIES:
+        inside = {r["criterion"]: r["perplexity"] for r in rows if r["kind"] == "inside" and r["sparsity"] == sparsity}
+        if inside:
+            sentences.append(f"Inside the experts at {sparsity:.0%}: "
+                             + ", ".join(f"{m} {_fmt(v)}" for m, v in inside.items()) + ".")
     return "Reading (computed from the rows): " + " ".join(sentences)
 
 
@@ -423,7 +427,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"bench/moe.py` (training is skipped when the model exists in the cache).", "",
         f"**Held-out `wiki-summaries`** (the training text{_balance(rows, 'wiki-summaries')}):", "",
         *_experts_table(rows, "wiki-summaries"), "",
-        "**Weights inside the experts at 50% (per output row; SparseGPT per projection, with its weight update), "
+        "**Weights inside the experts at 50% and 70% (per output row; SparseGPT per projection, with its weight "
+        "update), "
         "held-out `wiki-summaries`:**", "",
         *_inside_table(rows)]
     if any(r["data"] == "shakespeare" and r["kind"] == "dense" for r in rows):
