@@ -395,7 +395,7 @@ def reading(rows: list[dict]) -> str:
                     sentences.append(f"Merging instead of dropping ({c}, {fraction:.0%}): {_fmt(value)} against "
                                      f"{_fmt(informed[c])}.")
     for sparsity in INSIDE_SPARSITIES:
-        inside = {r["criterion"]: r["perplexity"] for r in rows if r["kind"] == "inside" and r["sparsity"] == sparsity}
+        inside = {r["criterion"]: r["perplexity"] for r in rows if r["kind"] == "inside" and r["fraction"] == sparsity}
         if inside:
             sentences.append(f"Inside the experts at {sparsity:.0%}: "
                              + ", ".join(f"{m} {_fmt(v)}" for m, v in inside.items()) + ".")
