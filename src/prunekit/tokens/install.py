@@ -178,8 +178,9 @@ class TokenHandle:
             state.kept.append(state.real.sum(1))
             return x
         head_dim = keys.shape[-1] // heads
-        # ToMe's metric: the keys averaged over heads (Sec. 3, "Token similarity"); a sum has the same cosines.
-        metric = keys @ torch.eye(head_dim, dtype=keys.dtype, device=keys.device).repeat(heads, 1)
+        if self.method in ("tome", "zero-tprune"):  # the similarity metric; the other methods never read it
+            # ToMe's metric: the keys averaged over heads (Sec. 3, "Token similarity"); a sum has the same cosines.
+            metric = keys @ torch.eye(head_dim, dtype=keys.dtype, device=keys.device).repeat(heads, 1)
         keys_by_head = keys.view(*keys.shape[:2], heads, head_dim).transpose(1, 2)
         if self.method == "tome":
             src, dst, valid = merge.bipartite_soft_matching(metric, state.real, protected, count)

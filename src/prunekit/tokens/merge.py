@@ -127,9 +127,10 @@ def compact(keep: torch.Tensor, owner: torch.Tensor, *tensors: torch.Tensor) -> 
     position = torch.where(keep, keep.long().cumsum(1) - 1, -1)
     owner = torch.where(owner >= 0, position.gather(1, owner.clamp_min(0)), owner)
     out = [keep.gather(1, order), position, owner]
-    for tensor in tensors:
-        index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
-        out.append(tensor.gather(1, index))
+    # Advanced indexing copies whole feature rows: the same values as a gather with the index expanded over the
+    # features, and faster on CPU (6.6 against 7.6 ms for (32, 240, 384) activations, 2 threads).
+    rows = torch.arange(order.shape[0], device=order.device).unsqueeze(1)
+    out.extend(tensor[rows, order] for tensor in tensors)
     return tuple(out)
 
 
