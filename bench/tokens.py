@@ -74,25 +74,29 @@ def _median(values: list[float]) -> float:
 
 def alternated(calls: dict[str, Callable], inputs: list, rounds: int) -> dict:
     """Seconds per input of each call (first: the unpruned model, second: the pruned one), timed in turns over the
-    same inputs after one untimed warm-up each: the medians, their ratio (`speedup`) and the median of the ratios
-    of the pairs timed back to back."""
+    same inputs after one untimed warm-up each (`prunekit.measure.in_turns`): the medians, their ratio (`speedup`)
+    and the median of the ratios of the pairs timed back to back."""
     import torch
 
-    (dense_name, dense), (pruned_name, pruned) = calls.items()
-    seconds: dict[str, list[float]] = {dense_name: [], pruned_name: []}
+    from prunekit.measure import in_turns
+
     with torch.inference_mode():
-        dense(inputs[0])
-        pruned(inputs[0])
-        for _ in range(rounds):
-            for item in inputs:
-                for name, call in ((dense_name, dense), (pruned_name, pruned)):
-                    start = time.perf_counter()
-                    call(item)
-                    seconds[name].append(time.perf_counter() - start)
-    dense_s, pruned_s = _median(seconds[dense_name]), _median(seconds[pruned_name])
-    pairs = [d / p for d, p in zip(seconds[dense_name], seconds[pruned_name], strict=True)]
+        dense, pruned = in_turns(calls, inputs, rounds=rounds)["seconds"].values()
+    dense_s, pruned_s = _median(dense), _median(pruned)
+    pairs = [d / p for d, p in zip(dense, pruned, strict=True)]
     return {"dense_median_s": dense_s, "pruned_median_s": pruned_s, "speedup": dense_s / pruned_s,
             "pair_speedup_median": _median(pairs), "passes": len(pairs), "threads": torch.get_num_threads()}
+
+
+def continuations(model, prompts, targets, after_prefill=None) -> dict:
+    """`prunekit.tokens.evaluate.continue_prompt` over the prompts one at a time, joined: mean NLL, predictions."""
+    import torch
+
+    from prunekit.tokens.evaluate import continue_prompt, join_continuations
+
+    with torch.inference_mode():
+        parts = [continue_prompt(model, prompts[i:i + 1], targets[i:i + 1], after_prefill) for i in range(len(prompts))]
+    return join_continuations(parts, targets.numel())
 
 
 # --------------------------------------------------------------------------------------------------- minilm
@@ -106,7 +110,7 @@ class MiniLM:
 
         from prunekit.assets import text_records
         from prunekit.data.embed import load_encoder
-        from prunekit.tokens.evaluate import _mean_pooled
+        from prunekit.tokens.evaluate import mean_pooled
 
         self.args = args
         encoder = load_encoder("minilm-l6")
@@ -125,8 +129,8 @@ class MiniLM:
         self.timing = self.test_batches[:args.timing_batches]
         self.info = {"train_texts": len(train), "test_texts": len(test), "seq_len": SEQ_LEN, "batch_size": self.batch,
                      "attention": self.dense.config._attn_implementation}
-        self.train_dense = self.embed(self.dense, self.train_batches, _mean_pooled)
-        self.test_dense = self.embed(self.dense, self.test_batches, _mean_pooled)
+        self.train_dense = self.embed(self.dense, self.train_batches, mean_pooled)
+        self.test_dense = self.embed(self.dense, self.test_batches, mean_pooled)
 
     def _full_length(self, records: list[dict]) -> list[dict]:
         """The texts of at least SEQ_LEN tokens (truncated to it), so that no batch is padded."""
@@ -405,7 +409,6 @@ def run_fastv(args: argparse.Namespace) -> None:
     from prunekit.inputs import evaluation_set
     from prunekit.measure import count_macs, environment
     from prunekit.tokens import apply
-    from prunekit.tokens.evaluate import _continuations
 
     raw = _raw("fastv", args.quick)
     done = {_fastv_key(r) for r in read_rows(raw)}
@@ -423,7 +426,7 @@ def run_fastv(args: argparse.Namespace) -> None:
                                    windows=args.windows)
         prompts, targets = token_set.ids[:, :prompt_len], token_set.ids[:, prompt_len:]
         timing_inputs = [prompts[i:i + 1] for i in range(args.timing_windows)]
-        reference = _continuations(dense, prompts, targets, 1, args.progress, "unpruned")
+        reference = continuations(dense, prompts, targets)
         if ("dense", prompt_len, None, None, None, None) not in done:
             _append(raw, {"kind": "dense", "prompt": prompt_len, "perplexity": _perplexity(reference["nll"]),
                           "macs": count_macs(dense, {"input_ids": prompts[:1]}), "evaluation": token_set.info,
@@ -432,8 +435,8 @@ def run_fastv(args: argparse.Namespace) -> None:
             handle = apply(pruned, method=method, layer=layer, keep=keep, feather=feather, seed=0)
             try:
                 kept = []
-                result = _continuations(pruned, prompts, targets, 1, args.progress, method,
-                                        after_prefill=lambda handle=handle, kept=kept: kept.append(handle.kept))
+                result = continuations(pruned, prompts, targets,
+                                       after_prefill=lambda handle=handle, kept=kept: kept.append(handle.kept))
                 timing = alternated({"dense": lambda ids: dense(ids, use_cache=True),
                                      "pruned": lambda ids: pruned(ids, use_cache=True)}, timing_inputs, args.rounds)
                 macs = count_macs(pruned, {"input_ids": prompts[:1]})
@@ -441,7 +444,7 @@ def run_fastv(args: argparse.Namespace) -> None:
                 handle.remove()
             agreement = float((result["predictions"] == reference["predictions"]).double().mean())
             _append(raw, {"kind": "pruned", "prompt": prompt_len, "method": method, "layer": layer, "keep": keep,
-                          "feather": feather, "kept_tokens": float(torch.cat(kept[1:]).double().mean()),
+                          "feather": feather, "kept_tokens": float(torch.cat(kept).double().mean()),
                           "agreement": agreement, "perplexity": _perplexity(result["nll"]),
                           "dense_perplexity": _perplexity(reference["nll"]), "macs": macs, "timing": timing})
 

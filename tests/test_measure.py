@@ -349,3 +349,19 @@ def test_result_record_names_the_field_json_cannot_hold():
 def test_result_record_refuses_extra_fields_that_replace_its_own():
     with pytest.raises(PrunekitError, match="metrics"):
         result_record(**record_fields(), extra={"metrics": {}})
+
+
+def test_in_turns_alternates_the_calls_after_one_warm_up_each():
+    from prunekit.measure import in_turns
+
+    order = []
+    calls = {name: (lambda item, name=name: order.append((name, item)) or f"{name}{item}") for name in ("a", "b")}
+    timed = in_turns(calls, [1, 2, 3], rounds=2)
+    assert order[:2] == [("a", 1), ("b", 1)]  # the warm-up, on the first input
+    assert order[2:] == [(name, item) for _ in range(2) for item in (1, 2, 3) for name in ("a", "b")]
+    assert timed["outputs"] == {"a": ["a1", "a2", "a3"], "b": ["b1", "b2", "b3"]}  # the first round's
+    assert all(len(s) == 6 and min(s) >= 0 for s in timed["seconds"].values())
+    with pytest.raises(PrunekitError, match="rounds=0"):
+        in_turns(calls, [1], rounds=0)
+    with pytest.raises(PrunekitError, match="at least one call and one input"):
+        in_turns(calls, [])

@@ -6,7 +6,7 @@ from prunekit.measure.perplexity import perplexity
 from prunekit.measure.protocol import environment, result_record, tensor_sha256, weights_sha256
 from prunekit.measure.resources import ResourceMonitor
 from prunekit.measure.sparsity import layer_sparsity, nm_violations, parameter_counts, sparsity_summary
-from prunekit.measure.speed import count_macs, generation_speed, latency, prefill_speed, speed_record
+from prunekit.measure.speed import count_macs, generation_speed, in_turns, latency, prefill_speed, speed_record
 
 __all__ = [
     "ResourceMonitor",
@@ -14,6 +14,7 @@ __all__ = [
     "count_macs",
     "environment",
     "generation_speed",
+    "in_turns",
     "latency",
     "layer_sparsity",
     "nm_violations",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 
@@ -145,6 +146,36 @@ def latency(
             result["batch_sizes"][str(batch_size)] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3,
                                                       "iqr_ms": q3 - q1}
     return result
+
+
+def in_turns(calls: Mapping[str, Callable[[object], object]], inputs: Sequence, *, rounds: int = 1,
+             progress: bool = False, desc: str = "timed in turns") -> dict:
+    """Time several calls (the dense and the pruned model, say) on the same inputs in turns: for each input, each
+    call once (A B A B ...), after one untimed warm-up call of each on the first input, so that a change in the
+    machine's load during the measurement hits every call alike and their ratio stays meaningful.
+
+    Returns {"seconds": {name: seconds of every timed call, in order}, "outputs": {name: the return values of the
+    first round, one per input}}. `progress` shows a bar over the rounds' inputs.
+    """
+    _check_counts(rounds=rounds)
+    if not calls or not inputs:
+        raise PrunekitError("in_turns needs at least one call and one input")
+    for call in calls.values():
+        call(inputs[0])
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    outputs: dict[str, list] = {name: [] for name in calls}
+    steps = tqdm(total=rounds * len(inputs), desc=desc, disable=not progress, leave=False)
+    for round_ in range(rounds):
+        for item in inputs:
+            steps.update()
+            for name, call in calls.items():
+                start = time.perf_counter()
+                value = call(item)
+                seconds[name].append(time.perf_counter() - start)
+                if round_ == 0:
+                    outputs[name].append(value)
+    steps.close()
+    return {"seconds": seconds, "outputs": outputs}
 
 
 def _rate_summary(tokens: int, seconds: list[float], threads: int) -> dict:

@@ -1,8 +1,8 @@
 """Token pruning measured against the same model without it: what `prunekit eval --tokens SPEC` runs.
 
 `parse_token_spec("tome:r=8")` reads the command line's spec into the keyword arguments of `prunekit.tokens.apply`;
-`evaluate_tokens` loads a model asset (or directory), runs the evaluation texts through it without and then with
-the token reduction, and returns a result record with the protocol card:
+`evaluate_tokens` loads a model asset (or directory), runs the evaluation texts through it and through a copy with
+the token reduction installed, and returns a result record with the protocol card:
 
 - encoders (MiniLM): the cosine of each text's sentence embedding to the unpruned one, the tokens kept after each
   block, MACs of the first batch and throughput in texts/s (`batch_size` texts of at most `seq_len` tokens);
@@ -11,11 +11,14 @@ the token reduction, and returns a result record with the protocol card:
   agreement of the next-token predictions with the unpruned model's, prompt tokens kept, MACs and latency of
   the prefill.
 
-Latency is the median over batches after one untimed warm-up batch, on the threads torch has (stated).
+The model and its reduced copy run in turns, batch by batch (`prunekit.measure.in_turns`), after one untimed
+warm-up batch each, so that a change in the machine's load hits both alike; latency is the median over batches, on
+the threads torch has (stated).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -23,7 +26,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.tokens.install import METHODS, apply, check_options
@@ -123,7 +125,7 @@ def evaluate_encoder(model: nn.Module, tokenizer, options: Mapping, *, data="bbc
     from prunekit.measure import ResourceMonitor
     from prunekit.measure.embedding import embedding_fidelity
     from prunekit.measure.protocol import result_record
-    from prunekit.measure.speed import count_macs
+    from prunekit.measure.speed import count_macs, in_turns
 
     options = _checked(options)
     documents = load_texts(data, split="test") if isinstance(data, str) else list(data)
@@ -133,21 +135,22 @@ def evaluate_encoder(model: nn.Module, tokenizer, options: Mapping, *, data="bbc
     batches = [tokenizer(documents[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
                          return_tensors="pt") for i in range(0, len(documents), batch_size)]
     card = model_card(model, model_source)
-    with ResourceMonitor() as monitor:
-        dense, dense_seconds = _timed_passes(model, batches, _mean_pooled, progress, "dense")
+    reduced_model = copy.deepcopy(model)  # timed in turns with `model`, which is never changed
+    handle = apply(reduced_model, **options)
+    kept = []
+
+    def pruned(batch):
+        hidden = reduced_model(**batch).last_hidden_state
+        kept.append(handle.kept.sum(1))
+        return handle.pool(hidden)
+
+    with ResourceMonitor() as monitor, torch.inference_mode():
         dense_macs = count_macs(model, dict(batches[0]))
-        handle = apply(model, **options)
-        try:
-            kept = []
-
-            def pooled(batch, hidden):
-                kept.append(handle.kept.sum(1))
-                return handle.pool(hidden)
-
-            reduced, seconds = _timed_passes(model, batches, pooled, progress, options["method"])
-            macs = count_macs(model, dict(batches[0]))
-        finally:
-            handle.remove()
+        macs = count_macs(reduced_model, dict(batches[0]))
+        timed = in_turns({"dense": lambda batch: mean_pooled(batch, model(**batch).last_hidden_state),
+                          "pruned": pruned}, batches, progress=progress, desc=f"embedding (dense, {options['method']})")
+    dense, reduced = (torch.cat(timed["outputs"][name]) for name in ("dense", "pruned"))
+    dense_seconds, seconds = timed["seconds"]["dense"], timed["seconds"]["pruned"]
     input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     kept_per_layer = torch.stack(kept[1:]).sum(0)  # the first entry is the warm-up pass over batch 0
     threads = torch.get_num_threads()
@@ -167,23 +170,9 @@ def evaluate_encoder(model: nn.Module, tokenizer, options: Mapping, *, data="bbc
                          metrics=metrics, resources=monitor.as_dict())
 
 
-def _mean_pooled(batch: Mapping, hidden: torch.Tensor) -> torch.Tensor:
+def mean_pooled(batch: Mapping, hidden: torch.Tensor) -> torch.Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-def _timed_passes(model: nn.Module, batches: list, pool: Callable, progress: bool, what: str
-                  ) -> tuple[torch.Tensor, list[float]]:
-    """Embeddings of every batch and the seconds each took, after one untimed warm-up pass over the first."""
-    seconds, embeddings = [], []
-    with torch.inference_mode():
-        pool(batches[0], model(**batches[0]).last_hidden_state)
-        for batch in tqdm(batches, desc=f"embedding ({what})", disable=not progress, leave=False):
-            start = time.perf_counter()
-            hidden = model(**batch).last_hidden_state
-            seconds.append(time.perf_counter() - start)
-            embeddings.append(pool(batch, hidden))
-    return torch.cat(embeddings), seconds
 
 
 def evaluate_decoder(model: nn.Module, tokenizer, options: Mapping, *, data="wiki-summaries", seq_len: int = 1024,
@@ -194,7 +183,7 @@ def evaluate_decoder(model: nn.Module, tokenizer, options: Mapping, *, data="wik
     from prunekit.inputs import evaluation_set, model_card
     from prunekit.measure import ResourceMonitor
     from prunekit.measure.protocol import result_record
-    from prunekit.measure.speed import count_macs
+    from prunekit.measure.speed import count_macs, in_turns
 
     options = _checked(options)
     if isinstance(continuation, bool) or not isinstance(continuation, int) or not 1 <= continuation < seq_len - 1:
@@ -204,17 +193,19 @@ def evaluate_decoder(model: nn.Module, tokenizer, options: Mapping, *, data="wik
     ids = token_set.ids
     prompts, targets = ids[:, :-continuation], ids[:, -continuation:]
     card = model_card(model, model_source)
-    with ResourceMonitor() as monitor:
-        dense = _continuations(model, prompts, targets, batch_size, progress, "dense")
+    reduced_model = copy.deepcopy(model)  # timed in turns with `model`, which is never changed
+    handle = apply(reduced_model, **options)
+    kept = []
+    batches = [(prompts[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    with ResourceMonitor() as monitor, torch.inference_mode():
         dense_macs = count_macs(model, {"input_ids": prompts[:1]})
-        handle = apply(model, **options)
-        try:
-            kept = []
-            pruned = _continuations(model, prompts, targets, batch_size, progress, options["method"],
-                                    after_prefill=lambda: kept.append(handle.kept if handle.installed else whole))
-            macs = count_macs(model, {"input_ids": prompts[:1]})
-        finally:
-            handle.remove()
+        macs = count_macs(reduced_model, {"input_ids": prompts[:1]})
+        timed = in_turns({
+            "dense": lambda pair: continue_prompt(model, *pair),
+            "pruned": lambda pair: continue_prompt(reduced_model, *pair, after_prefill=lambda: kept.append(
+                handle.kept if handle.installed else whole)),
+        }, batches, progress=progress, desc=f"continuations (dense, {options['method']})")
+    dense, pruned = (join_continuations(timed["outputs"][name], targets.numel()) for name in ("dense", "pruned"))
     kept_tokens = torch.cat(kept[1:]).double()  # the first entry is the warm-up prefill
     metrics = {
         "continuation_perplexity": {"dense": math.exp(dense["nll"]), "pruned": math.exp(pruned["nll"])},
@@ -232,31 +223,30 @@ def evaluate_decoder(model: nn.Module, tokenizer, options: Mapping, *, data="wik
                          metrics=metrics, resources=monitor.as_dict())
 
 
-def _continuations(model: nn.Module, prompts: torch.Tensor, targets: torch.Tensor, batch_size: int, progress: bool,
-                   what: str, after_prefill: Callable[[], None] | None = None) -> dict:
-    """Mean negative log-likelihood of `targets` after `prompts`, greedy predictions, and prefill seconds per batch
-    (after one untimed warm-up prefill of the first batch)."""
-    nll, predictions, seconds = 0.0, [], []
-    with torch.inference_mode():
-        model(prompts[:batch_size], use_cache=True)
-        if after_prefill is not None:
-            after_prefill()
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"continuations ({what})", disable=not progress,
-                          leave=False):
-            prompt, target = prompts[start:start + batch_size], targets[start:start + batch_size]
-            began = time.perf_counter()
-            out = model(prompt, use_cache=True)
-            seconds.append(time.perf_counter() - began)
-            if after_prefill is not None:
-                after_prefill()
-            logits = out.logits[:, -1:]
-            if target.shape[1] > 1:
-                rest = model(target[:, :-1], cache=out.cache, use_cache=True).logits
-                logits = torch.cat([logits, rest], dim=1)
-            logits = logits.float()
-            nll += float(nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
-            predictions.append(logits.argmax(-1))
-    return {"nll": nll / targets.numel(), "predictions": torch.cat(predictions), "seconds": seconds}
+def continue_prompt(model: nn.Module, prompt: torch.Tensor, target: torch.Tensor,
+                 after_prefill: Callable[[], None] | None = None) -> dict:
+    """Prefill `prompt` ([batch, tokens]) with the cache, then read `target` through it: the summed negative
+    log-likelihood of `target`, the greedy predictions at its positions, and the prefill's seconds.
+    `after_prefill` is called once the prompt is in the cache (to read a token handle's kept tokens)."""
+    began = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    seconds = time.perf_counter() - began
+    if after_prefill is not None:
+        after_prefill()
+    logits = out.logits[:, -1:]
+    if target.shape[1] > 1:
+        rest = model(target[:, :-1], cache=out.cache, use_cache=True).logits
+        logits = torch.cat([logits, rest], dim=1)
+    logits = logits.float()
+    nll = float(nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
+    return {"nll_sum": nll, "predictions": logits.argmax(-1), "prefill_s": seconds}
+
+
+def join_continuations(parts: list[dict], tokens: int) -> dict:
+    """The mean NLL per target token, all predictions and every prefill's seconds of `continue_prompt` batches."""
+    return {"nll": sum(p["nll_sum"] for p in parts) / tokens,
+            "predictions": torch.cat([p["predictions"] for p in parts]),
+            "seconds": [p["prefill_s"] for p in parts]}
 
 
 def _median(values: list[float]) -> float:
