@@ -246,8 +246,13 @@ def _full_delta(base, tuned) -> dict:
     return model_delta(base, tuned)
 
 
-def _q(value) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _qs(row: dict) -> str:
+    """DAREx-q's q for both tasks; DARE's is 1 − p; magnitude does not rescale."""
+    if row["method"] == "dare":
+        return "1 − p"
+    if row["news q"] is None:
+        return "–"
+    return f"{row['news q']:.3f} / {row['shakespeare q']:.3f}"
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -262,27 +267,30 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"{train['shakespeare']['batch']}, lr {train['shakespeare']['lr']}. News: topic accuracy on the 222 test "
         f"articles (first {PROMPT_TOKENS} tokens, 5 classes); Shakespeare: perplexity on 32 × {SHAKESPEARE_LEN} "
         f"held-out tokens. The pruned delta is the block projections'; it is added to the base alone, and to the base "
-        f"together with the other task's delta pruned the same way (task "
-        f"arithmetic, scale 1). q: DARE's rescale is 1/(1 − p); DAREx-q's q is shown (label-free: the median over "
-        f"layers of each layer's output-change optimum; validated: one q from 11 on 64 held-out examples). "
+        f"together with the other task's delta pruned the same way (task arithmetic, scale 1). Stored: the pruned "
+        f"projections' delta as int32 flat indices and float32 values (dense float32: "
+        f"{rows[-1]['news bytes']['pruned_tensors_dense_bytes'] / 1e6:.1f} MB). q: DARE's rescale is 1/(1 − p); "
+        f"DAREx-q's q is shown (label-free: the median over layers of each layer's output-change optimum; validated: "
+        f"one q from 11 on 64 held-out examples). "
         f"{args.threads} threads on {platform.processor() or platform.machine()} ({env['cpu_count']} cores), torch "
         f"{env['torch']}, transformers {env['transformers']}. Regenerate: `.venv/bin/python bench/delta.py`.", "",
         "| delta | drop | news acc. alone | Shakespeare ppl alone | merged: news acc. | merged: Shakespeare ppl | "
-        "q (news / Shakespeare) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "q (news / Shakespeare) | news projections' delta stored |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name in ("base", "tuned news", "tuned shakespeare", "merged dense"):
         r = by_name[name]
         cells = ([f"{r['news']:.3f}", f"{r['shakespeare']:.2f}", "", ""] if name != "merged dense"
                  else ["", "", f"{r['news']:.3f}", f"{r['shakespeare']:.2f}"])
-        lines.append(f"| {name} | – | " + " | ".join(cells) + " | |")
+        lines.append(f"| {name} | – | " + " | ".join(cells) + " | | |")
     for r in rows:
         if "method" not in r:
             continue
         label = r["method"] + (" (validated q)" if r["validated"] else "")
         lines.append(f"| {label} | {r['drop']} | {r['news']:.3f} | {r['shakespeare']:.2f} | "
                      f"{r['merged']['news']:.3f} | {r['merged']['shakespeare']:.2f} | "
-                     f"{_q(r['news q'])} / {_q(r['shakespeare q'])} |")
+                     f"{_qs(r)} | "
+                     f"{r['news bytes']['pruned_tensors_sparse_bytes'] / 1e6:.1f} MB |")
     return "\n".join(lines)
 
 
