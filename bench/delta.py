@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, place, read_rows  # noqa: E402
+from tables import append_row, bench_parser, place, read_rows, run_bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -333,13 +333,8 @@ def write(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
-    args = parser.parse_args()
-    if not args.table:
-        run(args)
-    write(args)
+    parser = bench_parser(__doc__)
+    run_bench(parser, run, write)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, place, read_rows  # noqa: E402
+from tables import append_row, bench_parser, place, read_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -146,11 +146,9 @@ def write(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--only", nargs="*", help="configurations such as admm:uniform:0.7 or wanda+dsnot:owl:2:4")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
     args = parser.parse_args()
     known = configs()
     unknown = sorted(set(args.only or ()) - set(known))

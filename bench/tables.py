@@ -6,9 +6,11 @@ markers (the reading of each table) is written by hand. Run after any benchmark 
     .venv/bin/python bench/tables.py
 """
 
+import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,23 @@ def place(name: str, text: str, heading: str) -> None:
     else:
         current = current.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
     path.write_text(current, encoding="utf-8")
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every resumable benchmark starts from: its docstring as help, --threads and --table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
+    return parser
+
+
+def run_bench(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
+              write: Callable[[argparse.Namespace], None]) -> None:
+    """Parse the command line, measure what is missing (unless --table), then write the table."""
+    args = parser.parse_args()
+    if not args.table:
+        run(args)
+    write(args)
 
 
 def main() -> int:
