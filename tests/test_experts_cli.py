@@ -66,9 +66,10 @@ def test_bad_input_writes_nothing(moe_dir, tmp_path, argv, message):
     assert not out.exists()
 
 
-def test_inside_prunes_expert_weights(moe_dir, tmp_path):
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_inside_prunes_expert_weights(moe_dir, tmp_path, method):
     out = tmp_path / "inside"
-    args = parse("--model", str(moe_dir), "--inside", "wanda", "--sparsity", "0.5", "--calib-samples", "2",
+    args = parse("--model", str(moe_dir), "--inside", method, "--sparsity", "0.5", "--calib-samples", "2",
                  "--calib-seq-len", "32", "--no-eval", "--quiet", "--out", str(out))
     record = args.run(args)
     assert record["metrics"]["sparsity"]["achieved"] == 0.5
