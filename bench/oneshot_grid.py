@@ -75,6 +75,10 @@ def run(args: argparse.Namespace, wanted: list[str]) -> None:
         print(f"{config}: {row['perplexity']:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
 
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"
+
+
 def _budget_label(budget: str) -> str:
     return budget if ":" in budget else f"{float(budget):.0%}"
 
@@ -90,8 +94,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"512-token windows of its held-out split. Each cell: perplexity, then pruning time as a multiple of one dense "
         f"forward over the calibration set timed in the same process, then peak resident memory while pruning (MB, "
         f"model included). {args.threads} threads on {platform.processor() or platform.machine()} "
-        f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}; the machine was shared "
-        f"with other jobs, so times are rough (ratios are taken within one process). Empty cells are not measured yet. "
+        f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}. †: timed while other "
+        f"benchmarks shared the 2 cores (marked `shared_machine` in the JSON lines by hand), so that ratio says more "
+        f"about the load than the method; the other rows ran alone. Empty cells are not measured yet. "
         f"Regenerate: `.venv/bin/python bench/oneshot_grid.py`.", "",
         "| method | " + " | ".join(_budget_label(b) for b in measured) + " |",
         "|---|" + "---:|" * len(measured),
@@ -102,8 +107,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             for budget in measured:
                 row = by_config.get(f"{method}:{allocation}:{budget}")
                 cells.append("" if row is None else
-                             f"{row['perplexity']:.2f} · {row['prune_s'] / row['dense_forward_s']:.1f}× · "
-                             f"{row['peak_rss_mb']:.0f}")
+                             f"{_ppl(row['perplexity'])} · {row['prune_s'] / row['dense_forward_s']:.1f}×"
+                             f"{'†' if row.get('shared_machine') else ''} · {row['peak_rss_mb']:.0f}")
             if any(cells):
                 name = method + (" + OWL" if allocation == "owl" else "")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
