@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, bench_parser, place, read_rows, run_bench  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "calibration_smollm2.jsonl"
 MODEL = "smollm2-135m"
 SEQ_LEN = 512
@@ -106,10 +104,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write(args: argparse.Namespace) -> None:
-    text = table(read_rows(RAW), args)
-    print(text)
-    (RESULTS / "calibration_smollm2.md").write_text(text + "\n", encoding="utf-8")
-    place("calibration_smollm2", text, "## One-shot pruning beyond SparseGPT (issue 11)")
+    publish("calibration_smollm2", table(read_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
 
 
 def main() -> None:

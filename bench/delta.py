@@ -35,10 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, bench_parser, place, read_rows, run_bench  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "delta_smollm2.jsonl"
 MODEL = "smollm2-135m"
 HEADING = "## Experts and deltas (issue 13)"
@@ -325,11 +323,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write(args: argparse.Namespace) -> None:
     rows = read_rows(RAW)
-    text = table(rows, args)
-    print(text)
-    (RESULTS / "delta_smollm2.md").write_text(text + "\n", encoding="utf-8")
     plot(rows, RESULTS / "delta_smollm2.png")
-    place("delta_smollm2", text + "\n\n![delta pruning](bench/results/delta_smollm2.png)", HEADING)
+    publish("delta_smollm2", table(rows, args), HEADING, "delta pruning")
 
 
 def main() -> None:

@@ -34,10 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, place, read_rows  # noqa: E402
+from tables import RESULTS, append_row, publish, read_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "depth_smollm2.jsonl"
 MODEL = "smollm2-135m"
 BUDGETS = (2, 4, 6, 8)
@@ -340,12 +338,9 @@ def plot(rows: list[dict]) -> None:
 
 def write(args: argparse.Namespace) -> None:
     rows = _rows()
-    text = f"{meta(rows, args)}\n\n{tables(rows, args)}"
-    print(text)
-    (RESULTS / "depth_smollm2.md").write_text(text + "\n", encoding="utf-8")
     plot(rows)
-    place("depth_smollm2", f"{text}\n\n![depth pruning](bench/results/depth_smollm2.png)",
-          "## Depth pruning and healing (issue 10)")
+    publish("depth_smollm2", f"{meta(rows, args)}\n\n{tables(rows, args)}", "## Depth pruning and healing (issue 10)",
+            "depth pruning")
 
 
 def main() -> None:

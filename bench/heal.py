@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, bench_parser, place, read_rows, run_bench  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "heal_smollm2.jsonl"
 MODEL = "smollm2-135m"
 SEQ_LEN = 512
@@ -123,10 +121,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write(args: argparse.Namespace) -> None:
-    text = table(_rows(), args)
-    print(text)
-    (RESULTS / "heal_smollm2.md").write_text(text + "\n", encoding="utf-8")
-    place("heal_smollm2", text, "## Depth pruning and healing (issue 10)")
+    publish("heal_smollm2", table(_rows(), args), "## Depth pruning and healing (issue 10)")
 
 
 def main() -> None:

@@ -29,10 +29,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, place, read_rows  # noqa: E402
+from tables import RESULTS, append_row, publish, read_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "offload_smollm2.jsonl"
 MODEL = "smollm2-135m"
 SEQ_LEN = 512
@@ -131,10 +129,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write(args: argparse.Namespace) -> None:
-    text = table(read_rows(RAW), args)
-    print(text)
-    (RESULTS / "offload_smollm2.md").write_text(text + "\n", encoding="utf-8")
-    place("offload_smollm2", text, "## One-shot pruning beyond SparseGPT (issue 11)")
+    publish("offload_smollm2", table(read_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
 
 
 def main() -> None:

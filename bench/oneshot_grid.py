@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, bench_parser, place, read_rows  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "oneshot_grid.jsonl"
 MODEL = "smollm2-135m"
 HEADING = "## One-shot pruning beyond SparseGPT (issue 11)"
@@ -143,11 +141,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write(args: argparse.Namespace) -> None:
     rows = read_rows(RAW)
-    text = table(rows, args)
-    print(text)
-    (RESULTS / "oneshot_grid.md").write_text(text + "\n", encoding="utf-8")
     plot(rows, RESULTS / "oneshot_grid.png")
-    place("oneshot_grid", text + "\n\n![perplexity by sparsity](bench/results/oneshot_grid.png)", HEADING)
+    publish("oneshot_grid", table(rows, args), HEADING, "perplexity by sparsity")
 
 
 def main() -> None:

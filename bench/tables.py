@@ -49,6 +49,14 @@ def place(name: str, text: str, heading: str) -> None:
     path.write_text(current, encoding="utf-8")
 
 
+def publish(name: str, text: str, heading: str, figure: str | None = None) -> None:
+    """Print a benchmark's table, write it to bench/results/<name>.md and place it in BENCHMARKS.md under `heading`
+    (see `place`), followed by the plot bench/results/<name>.png when `figure` gives its alt text."""
+    print(text)
+    (RESULTS / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+    place(name, text + (f"\n\n![{figure}](bench/results/{name}.png)" if figure else ""), heading)
+
+
 def bench_parser(doc: str) -> argparse.ArgumentParser:
     """The command line every resumable benchmark starts from: its docstring as help, --threads and --table."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

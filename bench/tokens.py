@@ -44,10 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import append_row, place, read_rows  # noqa: E402
+from tables import RESULTS, append_row, place, read_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 HEADING = "## Token pruning and merging (issue 12)"
 PARTS = ("minilm", "vit", "fastv")
 ENCODER_METHODS = ("tome", "zero-tprune", "cls-attention", "random")
