@@ -163,6 +163,14 @@ class MiniLM:
         return float(classifier.score(normalize(test, dim=1).numpy(), self.y_test))
 
 
+def _encoder_pending(raw: Path, rs: list[int]) -> tuple[set, list | None]:
+    """The (kind, method, r) rows already in `raw`, and the (method, r) runs still to do; None when the dense row and
+    every run are there."""
+    done = {(r["kind"], r.get("method"), r.get("r")) for r in read_rows(raw)}
+    todo = [(m, r) for r in rs for m in ENCODER_METHODS if ("pruned", m, r) not in done]
+    return done, None if ("dense", None, None) in done and not todo else todo
+
+
 def run_minilm(args: argparse.Namespace) -> None:
     import torch
 
@@ -171,9 +179,8 @@ def run_minilm(args: argparse.Namespace) -> None:
     from prunekit.tokens import apply
 
     raw = _raw("minilm", args.quick)
-    done = {(r["kind"], r.get("method"), r.get("r")) for r in read_rows(raw)}
-    todo = [(m, r) for r in args.minilm_r for m in ENCODER_METHODS if ("pruned", m, r) not in done]
-    if ("dense", None, None) in done and not todo:
+    done, todo = _encoder_pending(raw, args.minilm_r)
+    if todo is None:
         return
     torch.set_num_threads(args.threads)
     bench = MiniLM(args)
@@ -318,9 +325,8 @@ def run_vit(args: argparse.Namespace) -> None:
     from prunekit.tokens import apply
 
     raw = _raw("vit", args.quick)
-    done = {(r["kind"], r.get("method"), r.get("r")) for r in read_rows(raw)}
-    todo = [(m, r) for r in args.vit_r for m in ENCODER_METHODS if ("pruned", m, r) not in done]
-    if ("dense", None, None) in done and not todo:
+    done, todo = _encoder_pending(raw, args.vit_r)
+    if todo is None:
         return
     torch.set_num_threads(args.threads)
     train_set, test_set = load_images("fashion-mnist", "train"), load_images("fashion-mnist", "test")
