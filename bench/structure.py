@@ -190,12 +190,10 @@ def _interleaved(measure, models: dict, repeats: int) -> dict[str, dict]:
     change in the machine's load during the run hits the dense and the pruned model alike."""
     import statistics
 
-    for model in models.values():
-        measure(model)
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            rates[name].append(measure(model)["tokens_per_s"])
+    from prunekit.measure import in_turns
+
+    calls = {name: (lambda _, model=model: measure(model)["tokens_per_s"]) for name, model in models.items()}
+    rates = in_turns(calls, list(range(repeats)))["outputs"]
     result = {}
     for name, values in rates.items():
         q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")

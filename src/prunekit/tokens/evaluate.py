@@ -224,7 +224,7 @@ def evaluate_decoder(model: nn.Module, tokenizer, options: Mapping, *, data="wik
 
 
 def continue_prompt(model: nn.Module, prompt: torch.Tensor, target: torch.Tensor,
-                 after_prefill: Callable[[], None] | None = None) -> dict:
+                    after_prefill: Callable[[], None] | None = None) -> dict:
     """Prefill `prompt` ([batch, tokens]) with the cache, then read `target` through it: the summed negative
     log-likelihood of `target`, the greedy predictions at its positions, and the prefill's seconds.
     `after_prefill` is called once the prompt is in the cache (to read a token handle's kept tokens)."""
