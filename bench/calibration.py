@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench, table_rows  # noqa: E402
 
 RAW = RESULTS / "calibration_smollm2.jsonl"
 MODEL = "smollm2-135m"
@@ -104,7 +104,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write(args: argparse.Namespace) -> None:
-    publish("calibration_smollm2", table(read_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
+    publish("calibration_smollm2", table(table_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
 
 
 def main() -> None:

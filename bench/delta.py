@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench, table_rows  # noqa: E402
 
 RAW = RESULTS / "delta_smollm2.jsonl"
 MODEL = "smollm2-135m"
@@ -322,7 +322,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write(args: argparse.Namespace) -> None:
-    rows = read_rows(RAW)
+    rows = table_rows(RAW)
     plot(rows, RESULTS / "delta_smollm2.png")
     publish("delta_smollm2", table(rows, args), HEADING, "delta pruning")
 

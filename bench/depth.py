@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, publish, read_rows  # noqa: E402
+from tables import RESULTS, append_row, publish, read_rows, table_rows  # noqa: E402
 
 RAW = RESULTS / "depth_smollm2.jsonl"
 MODEL = "smollm2-135m"
@@ -337,7 +337,7 @@ def plot(rows: list[dict]) -> None:
 
 
 def write(args: argparse.Namespace) -> None:
-    rows = _rows()
+    rows = table_rows(RAW)
     plot(rows)
     publish("depth_smollm2", f"{meta(rows, args)}\n\n{tables(rows, args)}", "## Depth pruning and healing (issue 10)",
             "depth pruning")

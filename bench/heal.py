@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench, table_rows  # noqa: E402
 
 RAW = RESULTS / "heal_smollm2.jsonl"
 MODEL = "smollm2-135m"
@@ -121,7 +121,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write(args: argparse.Namespace) -> None:
-    publish("heal_smollm2", table(_rows(), args), "## Depth pruning and healing (issue 10)")
+    publish("heal_smollm2", table(table_rows(RAW), args), "## Depth pruning and healing (issue 10)")
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, publish, read_rows  # noqa: E402
+from tables import RESULTS, append_row, publish, read_rows, table_rows  # noqa: E402
 
 RAW = RESULTS / "offload_smollm2.jsonl"
 MODEL = "smollm2-135m"
@@ -129,7 +129,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write(args: argparse.Namespace) -> None:
-    publish("offload_smollm2", table(read_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
+    publish("offload_smollm2", table(table_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
 
 
 def main() -> None:

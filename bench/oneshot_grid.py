@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, bench_parser, publish, read_rows  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, table_rows  # noqa: E402
 
 RAW = RESULTS / "oneshot_grid.jsonl"
 MODEL = "smollm2-135m"
@@ -140,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write(args: argparse.Namespace) -> None:
-    rows = read_rows(RAW)
+    rows = table_rows(RAW)
     plot(rows, RESULTS / "oneshot_grid.png")
     publish("oneshot_grid", table(rows, args), HEADING, "perplexity by sparsity")
 

@@ -23,6 +23,16 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
+def table_rows(path: Path) -> list[dict]:
+    """The rows a table is built from; a one-line error (exit 2) when the benchmark has not written any yet."""
+    rows = read_rows(path)
+    if not rows:
+        name = Path(sys.argv[0]).name
+        print(f"{name}: no rows in {path} yet: run the benchmark without --table first", file=sys.stderr)
+        sys.exit(2)
+    return rows
+
+
 def append_row(path: Path, row: dict) -> None:
     """Add one finished row to a benchmark's JSON-lines file, so that a run cut short keeps what it measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
