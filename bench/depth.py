@@ -1,11 +1,13 @@
-"""Benchmark: depth pruning of SmolLM2-135M (issue 10), every block scorer against reverse order and random.
+"""Benchmark: depth pruning of SmolLM2-135M (and Gemma-3-270M, `--model`) (issue 10), every block scorer against
+reverse order and random.
 
-At 2, 4, 6 and 8 of its 30 blocks removed, with `prunekit.prune_depth`: each method of `DEPTH_METHODS` (random
-with three seeds), one-shot (no healing), perplexity on the first `--eval-windows` non-overlapping 512-token
-windows of the held-out `wiki-summaries` split; scorers calibrated on `--calibration-samples` x 512 tokens of its
-train split (seed 0). SLEB re-scores every remaining block by calibration perplexity after each removal, which
-costs about 30 perplexity passes per removed block, so it is calibrated on `--sleb-samples` sequences and run once
-to the largest budget: being greedy, its first n removals are exactly its choice at budget n.
+At 2, 4, 6 and 8 of its blocks removed (30 in SmolLM2, 18 in Gemma-3-270M), with `prunekit.prune_depth`: each
+method of `DEPTH_METHODS` (or of `--methods`; random with three seeds), one-shot (no healing), perplexity on the
+first `--eval-windows` non-overlapping 512-token windows of the held-out `wiki-summaries` split; scorers calibrated
+on `--calibration-samples` x 512 tokens of its train split (seed 0). SLEB re-scores every remaining block by
+calibration perplexity after each removal, which costs about 30 perplexity passes per removed block, so it is
+calibrated on `--sleb-samples` sequences and run once to the largest budget: being greedy, its first n removals are
+exactly its choice at budget n.
 
 Speed depends only on how many blocks go, so it is measured once per budget (on the reverse-order model), in turns
 with a dense copy in the same process: greedy generation tokens/s at batch 1 with the KV cache and prefill
@@ -18,9 +20,11 @@ after on the same windows.
     .venv/bin/python bench/depth.py             # scores, perplexities, speed (about 2 hours on 2 idle cores)
     .venv/bin/python bench/depth.py --heal      # then healing of the rows written by the first run
     .venv/bin/python bench/depth.py --table                # rebuild the tables and plot from the JSON lines
+    .venv/bin/python bench/depth.py --model gemma3-270m --methods angular block-influence taylor reverse random
 
-Rows are appended to bench/results/depth_smollm2.jsonl as they finish (a cut run keeps them and resumes where it
-stopped); the tables go to bench/results/depth_smollm2.md and BENCHMARKS.md, the plot to depth_smollm2.png.
+Rows are appended to bench/results/depth_<model>.jsonl (depth_smollm2, depth_gemma3) as they finish (a cut run keeps
+them and resumes where it stopped); the tables go to bench/results/depth_<model>.md and BENCHMARKS.md, the plot to
+depth_<model>.png.
 """
 
 from __future__ import annotations
@@ -36,8 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from tables import RESULTS, append_row, publish, read_rows, table_rows  # noqa: E402
 
-RAW = RESULTS / "depth_smollm2.jsonl"
-MODEL = "smollm2-135m"
+MODELS = {"smollm2-135m": ("SmolLM2-135M", "depth_smollm2"), "gemma3-270m": ("Gemma-3-270M", "depth_gemma3")}
 BUDGETS = (2, 4, 6, 8)
 RANDOM_SEEDS = (0, 1, 2)
 SEQ_LEN = 512
@@ -45,12 +48,12 @@ PROMPT, NEW_TOKENS, PREFILL_BATCH = 64, 16, 16
 BASELINES = ("reverse", "random")
 
 
-def _rows() -> list[dict]:
-    return read_rows(RAW)
+def _raw(args: argparse.Namespace) -> Path:
+    return RESULTS / f"{MODELS[args.model][1]}.jsonl"
 
 
-def _append(row: dict) -> None:
-    append_row(RAW, row)
+def _append(args: argparse.Namespace, row: dict) -> None:
+    append_row(_raw(args), row)
     print(json.dumps({k: row[k] for k in ("kind", "method", "blocks", "seed") if k in row}
                      | {k: row[k] for k in ("perplexity", "healed_perplexity") if k in row}), file=sys.stderr)
 
@@ -70,11 +73,17 @@ class Bench:
 
         torch.set_num_threads(args.threads)
         self.args = args
-        loaded = load_causal_lm(MODEL)
+        loaded = load_causal_lm(args.model)
         self.dense, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         self.windows = evaluation_windows(self.tokenizer, "wiki-summaries", seq_len=SEQ_LEN,
                                           max_windows=args.eval_windows)
-        self.done = {_key(row) for row in _rows()}
+        self.done = {_key(row) for row in self.rows()}
+
+    def rows(self) -> list[dict]:
+        return read_rows(_raw(self.args))
+
+    def append(self, row: dict) -> None:
+        _append(self.args, row)
 
     def perplexity(self, model) -> float:
         from prunekit.measure import perplexity
@@ -87,7 +96,7 @@ class Bench:
         model = copy.deepcopy(self.dense)
         record = prune_depth(model, self.tokenizer, method=method, blocks=blocks, seed=seed, progress=False,
                              calibration_samples=samples or self.args.calibration_samples,
-                             calibration_seq_len=SEQ_LEN, batch_size=4, model_source=MODEL)
+                             calibration_seq_len=SEQ_LEN, batch_size=4, model_source=self.args.model)
         return model, record
 
     def row(self, model, record: dict, method: str, blocks: int, seed: int | None, prune_s: float) -> dict:
@@ -115,22 +124,23 @@ def run_depth(bench: Bench) -> None:
 
     args = bench.args
     if ("dense", None, None, None) not in bench.done:
-        _append({"kind": "dense", "perplexity": bench.perplexity(bench.dense), "evaluation": bench.windows.info,
-                 "parameters": parameter_counts(bench.dense)["total"], "environment": environment()})
+        bench.append({"kind": "dense", "perplexity": bench.perplexity(bench.dense), "evaluation": bench.windows.info,
+                      "layers": len(bench.dense.model.layers),
+                      "parameters": parameter_counts(bench.dense)["total"], "environment": environment()})
     # the budget of the issue's target (6 blocks) first, so that a run cut short has the comparison that matters
     for blocks in sorted(BUDGETS, key=lambda b: (b != 6, b)):
-        for method in (m for m in DEPTH_METHODS if m != "sleb"):
+        for method in (m for m in DEPTH_METHODS if m != "sleb" and m in args.methods):
             for seed in (RANDOM_SEEDS if method == "random" else (None,)):
                 if ("depth", method, blocks, seed) in bench.done:
                     continue
                 if method in RANKED and blocks != max(BUDGETS):
-                    _append(_ranked_row(bench, method, blocks))
+                    bench.append(_ranked_row(bench, method, blocks))
                     continue
                 start = time.perf_counter()
                 model, record = bench.prune(method, blocks, seed=seed or 0)
-                _append(bench.row(model, record, method, blocks, seed, time.perf_counter() - start))
+                bench.append(bench.row(model, record, method, blocks, seed, time.perf_counter() - start))
                 bench.done.add(("depth", method, blocks, seed))
-    if any(("depth", "sleb", b, None) not in bench.done for b in BUDGETS):
+    if "sleb" in args.methods and any(("depth", "sleb", b, None) not in bench.done for b in BUDGETS):
         start = time.perf_counter()
         model, record = bench.prune("sleb", max(BUDGETS), samples=args.sleb_samples)
         seconds = time.perf_counter() - start
@@ -145,7 +155,7 @@ def run_depth(bench: Bench) -> None:
             row.update(removed_blocks=sorted(order[:blocks]), removal_order=order[:blocks],
                        removed_fraction=1 - parameter_counts(prefix)["total"] / parameter_counts(bench.dense)["total"],
                        prune_s_note=f"one greedy run to {max(BUDGETS)} blocks")
-            _append(row)
+            bench.append(row)
 
 
 def _ranked_row(bench: Bench, method: str, blocks: int) -> dict:
@@ -155,12 +165,12 @@ def _ranked_row(bench: Bench, method: str, blocks: int) -> dict:
     from prunekit.measure import parameter_counts
 
     largest = max(BUDGETS)
-    full = next((r for r in _rows() if _key(r) == ("depth", method, largest, None)), None)
+    full = next((r for r in bench.rows() if _key(r) == ("depth", method, largest, None)), None)
     if full is None:
         start = time.perf_counter()
         model, record = bench.prune(method, largest)
         full = bench.row(model, record, method, largest, None, time.perf_counter() - start)
-        _append(full)
+        bench.append(full)
         bench.done.add(("depth", method, largest, None))
     removed = _lowest_of(full, blocks)
     model = copy.deepcopy(bench.dense)
@@ -190,7 +200,7 @@ def run_speed(bench: Bench) -> None:
             runs = _interleaved(measure, {"dense": bench.dense, "pruned": model}, bench.args.repeats)
             row[kind] = {"dense": runs["dense"]["tokens_per_s"], "pruned": runs["pruned"]["tokens_per_s"],
                          "dense_runs": runs["dense"]["runs"], "pruned_runs": runs["pruned"]["runs"]}
-        _append(row)
+        bench.append(row)
 
 
 def _best_informed(rows: list[dict], blocks: int) -> dict:
@@ -202,7 +212,7 @@ def run_heal(bench: Bench) -> None:
     from prunekit.depth import remove_blocks
     from prunekit.recovery import heal
 
-    rows = _rows()
+    rows = bench.rows()
     for blocks in bench.args.heal_blocks:
         best = _best_informed(rows, blocks)
         reverse = next(r for r in rows if r["kind"] == "depth" and r["blocks"] == blocks and r["method"] == "reverse")
@@ -214,8 +224,8 @@ def run_heal(bench: Bench) -> None:
             start = time.perf_counter()
             record = heal(model, bench.tokenizer, method="lora", tokens=bench.args.heal_tokens, seq_len=SEQ_LEN,
                           batch_size=4, eval_windows=None, eval_data=bench.windows.ids, progress=False,
-                          model_source=MODEL)
-            _append({"kind": "heal", "method": source["method"], "blocks": blocks, "seed": None,
+                          model_source=bench.args.model)
+            bench.append({"kind": "heal", "method": source["method"], "blocks": blocks, "seed": None,
                      "removed_blocks": source["removed_blocks"], "perplexity": source["perplexity"],
                      "healed_perplexity": record["metrics"]["after"]["perplexity"],
                      "heal_s": time.perf_counter() - start,
@@ -232,7 +242,9 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
     dense = next(r for r in rows if r["kind"] == "dense")
     depth = [r for r in rows if r["kind"] == "depth"]
     methods = list(dict.fromkeys(r["method"] for r in depth))
-    lines = [f"Dense perplexity {dense['perplexity']:.2f}. Perplexity after removing n of 30 blocks (no healing); "
+    layers = dense["layers"]
+    lines = [f"Dense perplexity {dense['perplexity']:.2f}. Perplexity after removing n of {layers} blocks (no "
+             "healing); "
              "random: median of three seeds (min–max); ratio: to reverse order's at the same n.", "",
              "| method | " + " | ".join(f"n = {b}" for b in BUDGETS) + " | blocks removed at n = 6 | prune s (n = 6) |",
              "|---|" + "---:|" * len(BUDGETS) + "---|---:|"]
@@ -262,13 +274,12 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
     gaps = sum(1 for m in methods for b in BUDGETS if not any(r["method"] == m and r["blocks"] == b for r in depth))
     speed = [r for r in rows if r["kind"] == "speed"]
     if missing or gaps or not speed:
-        text += (f"\n\nThis run was cut short: {gaps} cells (—), the methods {', '.join(missing) or 'none'}"
-                 f"{'' if speed else ' and the speed rows'} are not measured yet; `bench/depth.py` resumes from the "
-                 "JSON lines.")
+        text += (f"\n\nNot measured yet: {gaps} cells (—), the methods {', '.join(missing) or 'none'}"
+                 f"{'' if speed else ' and the speed rows'}; `bench/depth.py` resumes from the JSON lines.")
     if speed:
         text += ("\n\nSpeed by blocks removed (any method; measured on the reverse-order model in turns with a dense "
                  "copy, medians of the rounds):\n\n| n | params removed | generation tok/s b=1 (dense → pruned) | "
-                 "speedup | prefill tok/s b=16 (dense → pruned) | speedup | ideal 30/(30−n) |\n"
+                 f"speedup | prefill tok/s b=16 (dense → pruned) | speedup | ideal {layers}/({layers}−n) |\n"
                  "|---:|---:|---:|---:|---:|---:|---:|")
         # every depth row at n removes the same parameters (the blocks are equal); speed rows carry their own
         fraction = {r["blocks"]: r["removed_fraction"] for r in [*depth, *speed] if "removed_fraction" in r}
@@ -276,7 +287,7 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
             g, p, n = r["generation"], r["prefill"], r["blocks"]
             text += (f"\n| {n} | {fraction.get(n, float('nan')):.1%} | {g['dense']:.1f} → {g['pruned']:.1f} | "
                      f"{g['pruned'] / g['dense']:.2f} | {p['dense']:.0f} → {p['pruned']:.0f} | "
-                     f"{p['pruned'] / p['dense']:.2f} | {30 / (30 - n):.2f} |")
+                     f"{p['pruned'] / p['dense']:.2f} | {layers / (layers - n):.2f} |")
     healed = [r for r in rows if r["kind"] == "heal"]
     if healed:
         tokens = healed[0]["tokens"]
@@ -295,7 +306,8 @@ def meta(rows: list[dict], args: argparse.Namespace) -> str:
     dense = next(r for r in rows if r["kind"] == "dense")
     env, calib = dense["environment"], next((r["calibration"] for r in rows if r.get("calibration")), None)
     samples = calib["samples"] if calib and "samples" in calib else args.calibration_samples
-    return (f"SmolLM2-135M (`{MODEL}`, 30 blocks). Perplexity on the first {dense['evaluation']['windows']} "
+    return (f"{MODELS[args.model][0]} (`{args.model}`, {dense['layers']} blocks). Perplexity on the first "
+            f"{dense['evaluation']['windows']} "
             f"non-overlapping {SEQ_LEN}-token windows of the held-out `wiki-summaries` split; scorers calibrated on "
             f"{samples} × {SEQ_LEN} tokens of its train split (seed 0); SLEB on {args.sleb_samples} sequences, "
             f"one greedy run to {max(BUDGETS)} blocks († its time) whose first n removals are its choice at n. "
@@ -306,10 +318,14 @@ def meta(rows: list[dict], args: argparse.Namespace) -> str:
             f"times are wall-clock under that load, for orders of magnitude only). Block-influence, taylor and "
             f"perplexity score every block once, without regard to n: they are run at {max(BUDGETS)} blocks and "
             f"their choice at smaller n is the n lowest-scored of it. Regenerate: `.venv/bin/python "
-            f"bench/depth.py && .venv/bin/python bench/depth.py --heal`.")
+            f"bench/depth.py{_model_flag(args)} && .venv/bin/python bench/depth.py{_model_flag(args)} --heal`.")
 
 
-def plot(rows: list[dict]) -> None:
+def _model_flag(args: argparse.Namespace) -> str:
+    return "" if args.model == "smollm2-135m" else f" --model {args.model}"
+
+
+def plot(rows: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,23 +344,28 @@ def plot(rows: list[dict]) -> None:
                 linestyle="--" if method in BASELINES else "-")
     ax.axhline(dense["perplexity"], color="grey", linewidth=0.8, label="dense")
     ax.set_yscale("log")
-    ax.set_xlabel("blocks removed (of 30)")
+    ax.set_xlabel(f"blocks removed (of {dense['layers']})")
     ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M depth pruning, no healing")
+    ax.set_title(f"{MODELS[args.model][0]} depth pruning, no healing")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "depth_smollm2.png", dpi=120)
+    fig.savefig(RESULTS / f"{MODELS[args.model][1]}.png", dpi=120)
 
 
 def write(args: argparse.Namespace) -> None:
-    rows = table_rows(RAW)
-    plot(rows)
-    publish("depth_smollm2", f"{meta(rows, args)}\n\n{tables(rows, args)}", "## Depth pruning and healing (issue 10)",
-            "depth pruning")
+    rows = table_rows(_raw(args))
+    plot(rows, args)
+    publish(MODELS[args.model][1], f"{meta(rows, args)}\n\n{tables(rows, args)}",
+            "## Depth pruning and healing (issue 10)", f"depth pruning of {MODELS[args.model][0]}")
 
 
 def main() -> None:
+    from prunekit.names import DEPTH_METHODS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", choices=DEPTH_METHODS, default=list(DEPTH_METHODS),
+                        help="the depth methods to run (default: all; SLEB costs about 30 perplexity passes a block)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--sleb-samples", type=int, default=8)
