@@ -11,7 +11,14 @@ equal in both engines.
 The pruned models are then evaluated (perplexity on the first 64 non-overlapping 512-token windows of the held-out
 split) in the parent process.
 
+`--cap-mb N` runs Wanda with each engine again, each child inside a fresh memory cgroup (v1 or v2; creating one needs
+the right to write under /sys/fs/cgroup) whose hard limit is N MB: the kernel reclaims the page cache and, with no
+swap, kills the process when its own memory would pass the limit. Reported: whether the run finished, the cgroup's
+peak usage (page cache included) and the OOM kills it counted; a finished run's pruned weights must hash as the
+uncapped run's.
+
     .venv/bin/python bench/offload.py
+    .venv/bin/python bench/offload.py --cap-mb 1024
     .venv/bin/python bench/offload.py --table
 
 Rows go to bench/results/offload_smollm2.jsonl (a cut run resumes), the table to bench/results/offload_smollm2.md
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -34,6 +42,7 @@ from tables import RESULTS, append_row, publish, read_rows, table_rows  # noqa: 
 RAW = RESULTS / "offload_smollm2.jsonl"
 MODEL = "smollm2-135m"
 SEQ_LEN = 512
+ENGINES = ("in-memory", "offloaded")
 RUNS = [("in-memory", "wanda"), ("offloaded", "wanda"), ("in-memory", "sparsegpt"), ("offloaded", "sparsegpt")]
 
 
@@ -41,6 +50,51 @@ def _status(key: str) -> float:
     """A VmXXX line of /proc/self/status, in MB."""
     text = Path("/proc/self/status").read_text()
     return int(text.split(f"{key}:")[1].split()[0]) / 1024
+
+
+class MemoryCap:
+    """A fresh memory cgroup with a hard limit of `mb` MB for one child process (cgroup v1's memory controller, or
+    v2's where it is enabled); `enter` is the child's pre-exec hook, `close` removes the group."""
+
+    V1, V2 = Path("/sys/fs/cgroup/memory"), (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+
+    def __init__(self, mb: int):
+        name = f"prunekit-bench-{os.getpid()}-{mb}"
+        if (self.V1 / "memory.limit_in_bytes").is_file():
+            self.version, self.path = 1, self.V1 / name
+        else:
+            roots = [r for r in self.V2 if "memory" in _read(r / "cgroup.subtree_control").split()]
+            if not roots:
+                raise SystemExit("offload.py: no memory cgroup here (neither v1's controller nor v2's with memory "
+                                 "enabled); --cap-mb needs one")
+            self.version, self.path = 2, roots[0] / name
+        try:
+            self.path.mkdir()
+            limit = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+            (self.path / limit).write_text(str(mb * 2**20))
+        except OSError as error:
+            raise SystemExit(f"offload.py: cannot make a memory cgroup at {self.path}: {error.strerror}") from None
+
+    def enter(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak_mb(self) -> float | None:
+        text = _read(self.path / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"))
+        return int(text) / 2**20 if text.strip() else None
+
+    def oom_kills(self) -> int:
+        text = _read(self.path / ("memory.oom_control" if self.version == 1 else "memory.events"))
+        return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
+
+    def close(self) -> None:
+        self.path.rmdir()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def child(args: argparse.Namespace) -> None:
@@ -80,22 +134,32 @@ def run(args: argparse.Namespace) -> None:
     from prunekit.corpus import evaluation_windows
     from prunekit.measure import environment, perplexity
 
-    done = {(r["engine"], r["method"]) for r in read_rows(RAW)}
+    done = {(r["engine"], r["method"], r.get("cap_mb")) for r in read_rows(RAW)}
     torch.set_num_threads(args.threads)
     windows = None
-    for engine, method in RUNS:
-        if (engine, method) in done:
+    runs = [(e, m, None) for e, m in RUNS] if args.cap_mb is None else [(e, "wanda", args.cap_mb) for e in ENGINES]
+    for engine, method, cap_mb in runs:
+        if (engine, method, cap_mb) in done:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "pruned"
             command = [sys.executable, __file__, "--child", "--engine", engine, "--method", method,
                        "--threads", str(args.threads), "--out", str(out)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            cap = MemoryCap(cap_mb) if cap_mb is not None else None
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                        preexec_fn=cap.enter if cap else None)
+                capped = {"cap_mb": cap_mb, "cgroup_peak_mb": cap.peak_mb(), "oom_kills": cap.oom_kills(),
+                          "returncode": result.returncode} if cap else {}
+            finally:
+                if cap:
+                    cap.close()
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-            if not lines:
+            if not lines and not cap:
                 raise SystemExit(f"run {engine} {method} printed no row: {result.stderr[-2000:]}")
-            row = json.loads(lines[-1])
-            if row["ok"]:
+            row = {**(json.loads(lines[-1]) if lines else {"engine": engine, "method": method, "ok": False}),
+                   **capped}
+            if row["ok"] and not cap:  # a capped run is checked by the hash of its pruned weights instead
                 loaded = load_causal_lm(out)
                 windows = windows or evaluation_windows(loaded.tokenizer, "wiki-summaries", seq_len=SEQ_LEN,
                                                         max_windows=64)
@@ -122,9 +186,28 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
              f"`.venv/bin/python bench/offload.py`.", "",
              "| engine | method | peak MB | above imports MB | wall s | perplexity | pruned weights SHA-256 |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for r in rows:
+    for r in (r for r in rows if r.get("cap_mb") is None):
         lines.append(f"| {r['engine']} | {r['method']} | {r['peak_mb']:.0f} | {r['peak_above_baseline_mb']:.0f} | "
                      f"{r['wall_s']:.0f} | {r['perplexity']:.2f} | `{r['pruned_sha256'][:12]}` |")
+    capped = [r for r in rows if r.get("cap_mb") is not None]
+    if capped:
+        uncapped = {(r["engine"], r["method"]): r["pruned_sha256"] for r in rows if r.get("cap_mb") is None}
+        lines += ["", "Under a memory cap: the child in a fresh memory cgroup with that hard limit (no swap on this "
+                  "machine). Cgroup peak: its high-water usage, page cache included (reclaimed under the limit); "
+                  "process peak: VmHWM, as above. Same weights: the pruned weights hash as the uncapped run's.", "",
+                  "| engine | method | cap MB | outcome | cgroup peak MB | process peak MB | wall s | same weights |",
+                  "|---|---|---:|---|---:|---:|---:|---|"]
+        for r in capped:
+            outcome = ("finished" if r["ok"] else
+                       f"killed by the OOM killer (exit {r['returncode']})" if r["oom_kills"] else
+                       f"failed (exit {r['returncode']})")
+            same = ("yes" if r.get("pruned_sha256") == uncapped.get((r["engine"], r["method"])) else "no") \
+                if r["ok"] else "—"
+            peak = f"{r['peak_mb']:.0f}" if r["ok"] else "—"
+            wall = f"{r['wall_s']:.0f}" if r["ok"] else "—"
+            cgroup = f"{r['cgroup_peak_mb']:.0f}" if r.get("cgroup_peak_mb") is not None else "—"
+            lines.append(f"| {r['engine']} | {r['method']} | {r['cap_mb']} | {outcome} | {cgroup} | {peak} | "
+                         f"{wall} | {same} |")
     return "\n".join(lines)
 
 
@@ -136,6 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
+    parser.add_argument("--cap-mb", type=int, help="run Wanda with both engines under this memory cap (a cgroup)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=("in-memory", "offloaded"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
