@@ -110,14 +110,14 @@ def child(args: argparse.Namespace) -> None:
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak mark now restarts from the current memory
     start = time.perf_counter()
-    row = {"engine": args.engine, "method": args.method, "baseline_mb": baseline}
+    row = {"engine": args.engine, "method": args.method, "baseline_mb": baseline, "batch_size": args.batch_size}
     if args.engine == "offloaded":
         model, tokenizer = prunekit.load_offloaded(MODEL)
     else:
         loaded = load_causal_lm(MODEL)
         model, tokenizer = loaded.model, loaded.tokenizer
     record = prunekit.prune(model, tokenizer, method=args.method, sparsity=0.5, calibration="wiki-summaries",
-                            calibration_samples=32, calibration_seq_len=SEQ_LEN, seed=0, batch_size=8,
+                            calibration_samples=32, calibration_seq_len=SEQ_LEN, seed=0, batch_size=args.batch_size,
                             progress=False, model_source=MODEL)
     prunekit.save(model, tokenizer, args.out, record)
     row.update(ok=True, pruned_sha256=record["metrics"]["pruned_weights_sha256"],
@@ -134,17 +134,17 @@ def run(args: argparse.Namespace) -> None:
     from prunekit.corpus import evaluation_windows
     from prunekit.measure import environment, perplexity
 
-    done = {(r["engine"], r["method"], r.get("cap_mb")) for r in read_rows(RAW)}
+    done = {(r["engine"], r["method"], r.get("cap_mb"), r.get("batch_size", 8)) for r in read_rows(RAW)}
     torch.set_num_threads(args.threads)
     windows = None
     runs = [(e, m, None) for e, m in RUNS] if args.cap_mb is None else [(e, "wanda", args.cap_mb) for e in ENGINES]
     for engine, method, cap_mb in runs:
-        if (engine, method, cap_mb) in done:
+        if (engine, method, cap_mb, args.batch_size) in done:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "pruned"
             command = [sys.executable, __file__, "--child", "--engine", engine, "--method", method,
-                       "--threads", str(args.threads), "--out", str(out)]
+                       "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--out", str(out)]
             cap = MemoryCap(cap_mb) if cap_mb is not None else None
             try:
                 result = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> None:
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
             if not lines and not cap:
                 raise SystemExit(f"run {engine} {method} printed no row: {result.stderr[-2000:]}")
-            row = {**(json.loads(lines[-1]) if lines else {"engine": engine, "method": method, "ok": False}),
+            row = {**(json.loads(lines[-1]) if lines else {"engine": engine, "method": method, "ok": False,
+                                                            "batch_size": args.batch_size}),
                    **capped}
             if row["ok"] and not cap:  # a capped run is checked by the hash of its pruned weights instead
                 loaded = load_causal_lm(out)
@@ -195,8 +196,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         lines += ["", "Under a memory cap: the child in a fresh memory cgroup with that hard limit (no swap on this "
                   "machine). Cgroup peak: its high-water usage, page cache included (reclaimed under the limit); "
                   "process peak: VmHWM, as above. Same weights: the pruned weights hash as the uncapped run's.", "",
-                  "| engine | method | cap MB | outcome | cgroup peak MB | process peak MB | wall s | same weights |",
-                  "|---|---|---:|---|---:|---:|---:|---|"]
+                  "| engine | method | calibration batch | cap MB | outcome | cgroup peak MB | process peak MB "
+                  "| wall s | same weights |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---|"]
         for r in capped:
             outcome = ("finished" if r["ok"] else
                        f"killed by the OOM killer (exit {r['returncode']})" if r["oom_kills"] else
@@ -206,7 +208,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             peak = f"{r['peak_mb']:.0f}" if r["ok"] else "—"
             wall = f"{r['wall_s']:.0f}" if r["ok"] else "—"
             cgroup = f"{r['cgroup_peak_mb']:.0f}" if r.get("cgroup_peak_mb") is not None else "—"
-            lines.append(f"| {r['engine']} | {r['method']} | {r['cap_mb']} | {outcome} | {cgroup} | {peak} | "
+            lines.append(f"| {r['engine']} | {r['method']} | {r['batch_size']} | {r['cap_mb']} | {outcome} | {cgroup} "
+                         f"| {peak} | "
                          f"{wall} | {same} |")
     return "\n".join(lines)
 
@@ -220,6 +223,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
     parser.add_argument("--cap-mb", type=int, help="run Wanda with both engines under this memory cap (a cgroup)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size of the runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=("in-memory", "offloaded"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
