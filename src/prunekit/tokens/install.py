@@ -209,7 +209,8 @@ class TokenHandle:
             places = torch.where(valid, position.gather(1, dst), 0)
             rows = torch.where(valid.unsqueeze(-1), rows, x[:, :1])
             row_sizes = torch.where(valid, row_sizes, state.sizes[:, :1])
-            x.scatter_(1, places.unsqueeze(-1).expand_as(rows), rows)  # x and sizes are fresh from compact
+            # x and sizes are fresh from compact; entries that share a place carry equal values
+            x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), places] = rows
             state.sizes.scatter_(1, places, row_sizes)
         state.sizes = state.sizes * state.real
         state.reduced = True

@@ -22,6 +22,15 @@ def first_real(real: torch.Tensor) -> torch.Tensor:
     return real & (real_rank(real) == 0)
 
 
+def rows_at(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, K, ...) the rows of (B, T, ...) `tensor` at (B, K) `index`, per example.
+
+    The same values as a gather with the index expanded over the features; advanced indexing copies whole feature
+    rows and is faster on CPU (6.6 against 7.6 ms for (32, 240, 384) activations, 2 threads).
+    """
+    return tensor[torch.arange(tensor.shape[0], device=tensor.device).unsqueeze(1), index]
+
+
 def members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens of each row of (B, T) `mask` in their order: (B, K) indices, K the largest count, and (B, K)
     `valid` (False on the filler that pads shorter rows)."""
@@ -48,9 +57,7 @@ def bipartite_soft_matching(
     a_index, a_valid = members(real & (rank % 2 == 0) & ~protected)
     b_index, b_valid = members(real & (rank % 2 == 1))
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    channels = metric.shape[-1]
-    metric_a = metric.gather(1, a_index.unsqueeze(-1).expand(-1, -1, channels))
-    metric_b = metric.gather(1, b_index.unsqueeze(-1).expand(-1, -1, channels))
+    metric_a, metric_b = rows_at(metric, a_index), rows_at(metric, b_index)
     scores = (metric_a @ metric_b.transpose(1, 2)).masked_fill(~b_valid.unsqueeze(1), -torch.inf)
     best, match = scores.max(dim=-1)
     chosen, valid = lowest_ranked(-best.masked_fill(~a_valid, -torch.inf), r)
@@ -91,16 +98,14 @@ def merged_rows(
     x (B, T, C) features, sizes (B, T) how many input tokens each token holds. Only the R destinations are
     computed, not the whole sequence (r is small next to T).
     """
-    channels = x.shape[-1]
     # Entries with the same destination pool their contributions at the first of them.
     first = (dst.unsqueeze(2) == dst.unsqueeze(1)).to(torch.uint8).argmax(2)
     moved = sizes.gather(1, src) * valid
-    contribution = x.gather(1, src.unsqueeze(-1).expand(-1, -1, channels)) * moved.unsqueeze(-1)
-    pooled = torch.zeros_like(contribution).scatter_add_(1, first.unsqueeze(-1).expand_as(contribution),
-                                                         contribution).gather(1, first.unsqueeze(-1).expand_as(
-                                                             contribution))
+    contribution = rows_at(x, src) * moved.unsqueeze(-1)
+    pooled = rows_at(torch.zeros_like(contribution).scatter_add_(1, first.unsqueeze(-1).expand_as(contribution),
+                                                                 contribution), first)
     pooled_size = torch.zeros_like(moved).scatter_add_(1, first, moved).gather(1, first)
-    old_x = x.gather(1, dst.unsqueeze(-1).expand(-1, -1, channels))
+    old_x = rows_at(x, dst)
     old_size = sizes.gather(1, dst)
     new_size = old_size + pooled_size
     new_x = (old_x * old_size.unsqueeze(-1) + pooled) / new_size.clamp_min(1e-12).unsqueeze(-1)
@@ -127,10 +132,7 @@ def compact(keep: torch.Tensor, owner: torch.Tensor, *tensors: torch.Tensor) -> 
     position = torch.where(keep, keep.long().cumsum(1) - 1, -1)
     owner = torch.where(owner >= 0, position.gather(1, owner.clamp_min(0)), owner)
     out = [keep.gather(1, order), position, owner]
-    # Advanced indexing copies whole feature rows: the same values as a gather with the index expanded over the
-    # features, and faster on CPU (6.6 against 7.6 ms for (32, 240, 384) activations, 2 threads).
-    rows = torch.arange(order.shape[0], device=order.device).unsqueeze(1)
-    out.extend(tensor[rows, order] for tensor in tensors)
+    out.extend(rows_at(tensor, order) for tensor in tensors)
     return tuple(out)
 
 
@@ -202,9 +204,7 @@ def importance_guided_matching(
     a_rank = (b_size + rank[:a_width]).clamp_max(real.shape[1] - 1)
     a_index, a_valid = order.gather(1, a_rank), rank[:a_width] < count // 2
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    channels = metric.shape[-1]
-    metric_a = metric.gather(1, a_index.unsqueeze(-1).expand(-1, -1, channels))
-    metric_b = metric.gather(1, b_index.unsqueeze(-1).expand(-1, -1, channels))
+    metric_a, metric_b = rows_at(metric, a_index), rows_at(metric, b_index)
     scores = (metric_a @ metric_b.transpose(1, 2)).masked_fill(~b_valid.unsqueeze(1), -torch.inf)
     best, match = scores.max(dim=-1)
     chosen, valid = lowest_ranked(-best.masked_fill(~a_valid, -torch.inf), r)
