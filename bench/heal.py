@@ -108,7 +108,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
              f"1e-3); kd = LoRA with half the loss the KL divergence to the dense logits (T = 2). Gap closed: "
              f"(before − after) / (before − dense). {args.threads} threads on "
              f"{platform.processor() or platform.machine()} ({env['cpu_count']} cores), torch {env['torch']}, "
-             f"transformers {env['transformers']}, peft; one process under `nice -n 10` on a shared machine. "
+             f"transformers {env['transformers']}, peft; one process under `nice -n 10`; heal s: wall-clock seconds "
+             f"including the two evaluations, for orders of magnitude. "
              f"Regenerate: `.venv/bin/python bench/heal.py`.", "",
              "| pruned model | healing | before | after | gap closed | zeros before → after | heal s |",
              "|---|---|---:|---:|---:|---|---:|"]
