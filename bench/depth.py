@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, publish, read_rows, table_rows  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, table_rows  # noqa: E402
 
 MODELS = {"smollm2-135m": ("SmolLM2-135M", "depth_smollm2"), "gemma3-270m": ("Gemma-3-270M", "depth_gemma3")}
 BUDGETS = (2, 4, 6, 8)
@@ -50,12 +50,6 @@ BASELINES = ("reverse", "random")
 
 def _raw(args: argparse.Namespace) -> Path:
     return RESULTS / f"{MODELS[args.model][1]}.jsonl"
-
-
-def _append(args: argparse.Namespace, row: dict) -> None:
-    append_row(_raw(args), row)
-    print(json.dumps({k: row[k] for k in ("kind", "method", "blocks", "seed") if k in row}
-                     | {k: row[k] for k in ("perplexity", "healed_perplexity") if k in row}), file=sys.stderr)
 
 
 def _key(row: dict) -> tuple:
@@ -83,7 +77,9 @@ class Bench:
         return read_rows(_raw(self.args))
 
     def append(self, row: dict) -> None:
-        _append(self.args, row)
+        append_row(_raw(self.args), row)
+        print(json.dumps({k: row[k] for k in ("kind", "method", "blocks", "seed") if k in row}
+                         | {k: row[k] for k in ("perplexity", "healed_perplexity") if k in row}), file=sys.stderr)
 
     def perplexity(self, model) -> float:
         from prunekit.measure import perplexity
@@ -226,10 +222,10 @@ def run_heal(bench: Bench) -> None:
                           batch_size=4, eval_windows=None, eval_data=bench.windows.ids, progress=False,
                           model_source=bench.args.model)
             bench.append({"kind": "heal", "method": source["method"], "blocks": blocks, "seed": None,
-                     "removed_blocks": source["removed_blocks"], "perplexity": source["perplexity"],
-                     "healed_perplexity": record["metrics"]["after"]["perplexity"],
-                     "heal_s": time.perf_counter() - start,
-                     "tokens": record["metrics"].get("tokens", bench.args.heal_tokens)})
+                          "removed_blocks": source["removed_blocks"], "perplexity": source["perplexity"],
+                          "healed_perplexity": record["metrics"]["after"]["perplexity"],
+                          "heal_s": time.perf_counter() - start,
+                          "tokens": record["metrics"].get("tokens", bench.args.heal_tokens)})
 
 
 def _fmt(x: float) -> str:
@@ -307,8 +303,8 @@ def meta(rows: list[dict], args: argparse.Namespace) -> str:
     env, calib = dense["environment"], next((r["calibration"] for r in rows if r.get("calibration")), None)
     samples = calib["samples"] if calib and "samples" in calib else args.calibration_samples
     return (f"{MODELS[args.model][0]} (`{args.model}`, {dense['layers']} blocks). Perplexity on the first "
-            f"{dense['evaluation']['windows']} "
-            f"non-overlapping {SEQ_LEN}-token windows of the held-out `wiki-summaries` split; scorers calibrated on "
+            f"{dense['evaluation']['windows']} non-overlapping {SEQ_LEN}-token windows of the held-out "
+            f"`wiki-summaries` split; scorers calibrated on "
             f"{samples} × {SEQ_LEN} tokens of its train split (seed 0); SLEB on {args.sleb_samples} sequences, "
             f"one greedy run to {max(BUDGETS)} blocks († its time) whose first n removals are its choice at n. "
             f"Speed: greedy generation, batch 1, KV cache, {NEW_TOKENS} tokens after a {PROMPT}-token prompt; "
@@ -362,11 +358,10 @@ def write(args: argparse.Namespace) -> None:
 def main() -> None:
     from prunekit.names import DEPTH_METHODS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m")
     parser.add_argument("--methods", nargs="+", choices=DEPTH_METHODS, default=list(DEPTH_METHODS),
                         help="the depth methods to run (default: all; SLEB costs about 30 perplexity passes a block)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--sleb-samples", type=int, default=8)
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -378,7 +373,6 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-only", action="store_true",
                         help="only the speed rows (they need an otherwise idle machine; the perplexity cells do not)")
-    parser.add_argument("--table", action="store_true", help="only rebuild tables and plot from the JSON lines")
     args = parser.parse_args()
     if not args.table:
         bench = Bench(args)

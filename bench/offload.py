@@ -18,7 +18,7 @@ peak usage (page cache included) and the OOM kills it counted; a finished run's 
 uncapped run's.
 
     .venv/bin/python bench/offload.py
-    .venv/bin/python bench/offload.py --cap-mb 1024
+    .venv/bin/python bench/offload.py --cap-mb 850 --batch-size 2
     .venv/bin/python bench/offload.py --table
 
 Rows go to bench/results/offload_smollm2.jsonl (a cut run resumes), the table to bench/results/offload_smollm2.md
@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, publish, read_rows, table_rows  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, publish, read_rows, table_rows  # noqa: E402
 
 RAW = RESULTS / "offload_smollm2.jsonl"
 MODEL = "smollm2-135m"
@@ -209,8 +209,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             wall = f"{r['wall_s']:.0f}" if r["ok"] else "—"
             cgroup = f"{r['cgroup_peak_mb']:.0f}" if r.get("cgroup_peak_mb") is not None else "—"
             lines.append(f"| {r['engine']} | {r['method']} | {r['batch_size']} | {r['cap_mb']} | {outcome} | {cgroup} "
-                         f"| {peak} | "
-                         f"{wall} | {same} |")
+                         f"| {peak} | {wall} | {same} |")
     return "\n".join(lines)
 
 
@@ -219,9 +218,7 @@ def write(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON lines")
+    parser = bench_parser(__doc__)
     parser.add_argument("--cap-mb", type=int, help="run Wanda with both engines under this memory cap (a cgroup)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size of the runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
