@@ -17,24 +17,11 @@ from prunekit.measure.embedding import embedding_fidelity, sentence_embeddings
 from prunekit.measure.protocol import weights_sha256
 from prunekit.structure.groups import block_layouts, head_channels, roles
 from prunekit.structure.remove import BlockPlan, apply_plan, config_mismatch
+from tiny_models import tiny_bert
 
 VOCAB = 128
 IDS = torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS).index_fill_(1, torch.arange(18, 24), 0)  # padded tails must stay padded
-
-
-def tiny_bert(cls=transformers.BertModel, *, layers: int = 3, vocab: int = VOCAB, seed: int = 0) -> nn.Module:
-    """A 64-wide encoder with 4 heads of 16 and 128 FFN neurons; equal arguments give equal weights. Every call
-    builds its own config, which pruning rewrites."""
-    config = transformers.BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
-                                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():  # BERT initialises biases to zero: random ones make bias handling matter
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.1)
-    return model
 
 
 def hidden(model, ids=IDS, mask=MASK):

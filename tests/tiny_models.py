@@ -68,3 +68,17 @@ def tiny_moe_lm(family: str = "mixtral", *, experts: int = 6, top_k: int = 2, la
     }
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+def tiny_bert(cls=transformers.BertModel, *, layers: int = 3, vocab: int = 128, seed: int = 0):
+    """A 64-wide BERT encoder with 4 heads of 16 and 128 FFN neurons, in eval mode; equal arguments give equal
+    weights. Every call builds its own config, which pruning rewrites."""
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
+                                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # BERT initialises biases to zero: random ones make bias handling matter
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.1)
+    return model

@@ -421,9 +421,12 @@ def _run(args: argparse.Namespace) -> dict:
         else:
             check_depth_options(args.method, args.blocks, args.remove, unit=args.unit or "block",
                                 merge=bool(args.merge))
-        if encoder and kind != "structures":
+        if encoder and kind == "weights":
             raise PrunekitError(f"{args.model} is an encoder: prunekit prunes its structures (--remove with "
-                                f"{', '.join(names.STRUCTURE_METHODS)}), not its {kind}")
+                                f"{', '.join(names.STRUCTURE_METHODS)}) or blocks (--blocks), not its weights")
+        if encoder and kind == "blocks" and args.method == "taylor":
+            raise PrunekitError(f"{args.model} is an encoder: taylor needs a next-token loss; use angular, "
+                                "block-influence, perplexity or sleb (embedding distance), reverse or random")
         if kind != "weights" and args.device is not None:
             raise PrunekitError(f"--device applies to pruning weights; {kind} are pruned where the model is")
         if kind == "blocks" and args.allocation != "uniform":

@@ -5,14 +5,17 @@ the protocol. `prunekit.prune`, `prune_structure`, `prune_depth` and `evaluate` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunekit.corpus import TokenSet, calibration_tokens, evaluation_windows
+from prunekit.assets import text_asset_names
+from prunekit.corpus import TokenSet, calibration_tokens, evaluation_windows, load_texts
 from prunekit.errors import PrunekitError
 from prunekit.measure import protocol
+from prunekit.measure.embedding import embedding_fidelity, sentence_embeddings, window_embeddings
 
 
 def max_positions(config) -> int | None:
@@ -80,6 +83,51 @@ def evaluation_set(tokenizer, data, *, seq_len: int, windows: int | None) -> Tok
     """The evaluation windows (see `corpus.evaluation_windows`), tokenized once for the dense and pruned model."""
     _check_tokenizer(tokenizer, data, "evaluation")
     return evaluation_windows(tokenizer, data, seq_len=seq_len, max_windows=windows)
+
+
+@dataclass
+class EncoderEvaluation:
+    """Held-out texts an encoder is judged on, with a reference model's sentence embeddings of them: perplexity does
+    not apply to a bidirectional encoder, so a pruned or healed one is measured by how close its embeddings stay to
+    the reference (the dense model) on the same texts (`prunekit.measure.embedding`). Token windows given as a
+    tensor (`ids`) are embedded as they are, without a tokenizer."""
+
+    texts: list[str] | None
+    max_length: int
+    info: dict
+    reference: torch.Tensor = field(repr=False)
+    ids: torch.Tensor | None = field(default=None, repr=False)
+
+    def embeddings(self, model: nn.Module, tokenizer) -> torch.Tensor:
+        if self.ids is not None:
+            return window_embeddings(model, self.ids)
+        return sentence_embeddings(model, tokenizer, self.texts, max_length=self.max_length)
+
+    def fidelity(self, model: nn.Module, tokenizer) -> dict:
+        """`embedding_fidelity` of `model`'s embeddings of the texts against the reference's."""
+        return embedding_fidelity(self.reference, self.embeddings(model, tokenizer))
+
+
+def encoder_evaluation_set(reference: nn.Module, tokenizer, evaluation, *, texts: int | None,
+                           max_length: int) -> EncoderEvaluation:
+    """The first `texts` documents (all if None) of a text asset's held-out split, or of a local file or list of
+    strings, truncated to `max_length` tokens, and `reference`'s embeddings of them (it runs on the CPU); or the
+    first `texts` rows of a tensor of token windows, embedded as they are."""
+    if isinstance(evaluation, torch.Tensor):
+        ids = evaluation[:texts]
+        info = {"source": f"{len(ids)} given token windows", "split": None, "texts": len(ids),
+                "max_length": ids.shape[-1], "metric": "mean cosine to dense embeddings"}
+        evaluated = EncoderEvaluation(None, ids.shape[-1], info, torch.empty(0), ids)
+        evaluated.reference = evaluated.embeddings(reference, tokenizer)
+        return evaluated
+    _check_tokenizer(tokenizer, evaluation, "evaluation")
+    split = "test" if isinstance(evaluation, str) and evaluation in text_asset_names() else None
+    documents = load_texts(evaluation, split=split)[:texts]
+    source = evaluation if isinstance(evaluation, str) else f"{len(documents)} given texts"
+    info = {"source": source, "split": split, "texts": len(documents), "max_length": max_length,
+            "metric": "mean cosine to dense embeddings"}
+    return EncoderEvaluation(documents, max_length, info,
+                             sentence_embeddings(reference, tokenizer, documents, max_length=max_length))
 
 
 def compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:

@@ -1,5 +1,10 @@
-"""`prune_depth`: score the blocks of a decoder (or their attention or MLP sublayers) on calibration data, choose
-some under a budget, remove them or merge them into their neighbours."""
+"""`prune_depth`: score the blocks of a decoder or an encoder (or a decoder's attention or MLP sublayers) on
+calibration data, choose some under a budget, remove them or merge them into their neighbours.
+
+A causal LM's loss-based criteria (SLEB, the perplexity criterion) use its calibration perplexity. An encoder has no
+next-token loss: they use the embedding distance instead, 1 − the mean cosine between the dense model's sentence
+embeddings of the calibration windows and the embeddings with the chosen blocks skipped, and the result is measured
+by the embeddings' fidelity on held-out texts (`prunekit.measure.embedding`)."""
 
 from __future__ import annotations
 
@@ -35,20 +40,21 @@ from prunekit.depth.sublayers import (
     sublayer_parameters,
 )
 from prunekit.errors import PrunekitError
-from prunekit.inputs import calibration_set, check_lengths, evaluation_set, model_card
+from prunekit.inputs import calibration_set, check_lengths, encoder_evaluation_set, evaluation_set, model_card
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record, weights_sha256
+from prunekit.measure.embedding import window_embeddings
 from prunekit.weights.engine import capture_block_inputs, refuse_offloaded, run_block
 
 DEPTH_METHODS = {
     "angular": "contiguous run of n blocks with the least angular distance between its input and output "
                "(Gromov et al. 2024)",
     "block-influence": "the n blocks of lowest 1 - cos(input, output) (ShortGPT, Men et al. 2024)",
-    "sleb": "greedy: one block at a time, the one whose removal gives the lowest calibration perplexity "
-            "(SLEB, Song et al. 2024)",
+    "sleb": "greedy: one block at a time, the one whose removal gives the lowest calibration perplexity (for an "
+            "encoder: embedding distance) (SLEB, Song et al. 2024)",
     "taylor": "Taylor+: the n blocks of lowest sum of |w * dL/dw| over their weights on the calibration loss, "
               "sparing the first four and last two blocks (Shortened LLaMA, Kim et al. 2024)",
-    "perplexity": "one-shot: the n blocks whose removal alone gives the lowest calibration perplexity "
-                  "(Shortened LLaMA's PPL criterion, Kim et al. 2024)",
+    "perplexity": "one-shot: the n blocks whose removal alone gives the lowest calibration perplexity (for an "
+                  "encoder: embedding distance) (Shortened LLaMA's PPL criterion, Kim et al. 2024)",
     "reverse": "baseline: the deepest n blocks, sparing the final block",
     "random": "baseline: n blocks drawn at random with the seed",
 }
@@ -60,7 +66,7 @@ TAYLOR_SPARED = (4, 2)
 blocks at both ends, which the plain Taylor criterion may score low but are costly to lose."""
 
 
-def check_depth_options(method: str, blocks: int | None, remove: float | None, angular_tokens: str = "last",
+def check_depth_options(method: str, blocks: int | None, remove: float | None, angular_tokens: str | None = None,
                         unit: str = "block", merge: bool = False) -> None:
     """Validate the model-independent options of `prune_depth`, so that callers can fail before loading a model."""
     if method not in DEPTH_METHODS:
@@ -83,7 +89,7 @@ def check_depth_options(method: str, blocks: int | None, remove: float | None, a
     if remove is not None and (isinstance(remove, bool) or not isinstance(remove, int | float)
                                or not 0 <= remove < 1):
         raise PrunekitError(f"remove={remove!r} must be a fraction of the parameters in [0, 1)")
-    if angular_tokens not in ANGULAR_TOKENS:
+    if angular_tokens is not None and angular_tokens not in ANGULAR_TOKENS:
         raise PrunekitError(f"angular_tokens '{angular_tokens}' is unknown; use one of {', '.join(ANGULAR_TOKENS)}")
 
 
@@ -232,18 +238,35 @@ def _choose(model: nn.Module, method: str, n: int, token_ids: torch.Tensor | Non
                                        progress=progress)
         return lowest(importance), {"taylor_importance": importance,
                                     "spared": sorted(set(range(num_blocks)) - set(allowed))}
-    skipping = _skipping(model, unit)
-
-    def perplexity_without(removed: list[int]) -> float:
-        with skipping(removed):
-            return perplexity(model, token_ids, batch_size=batch_size, progress=False)["perplexity"]
-
+    loss, loss_without = _calibration_loss(model, token_ids, unit, batch_size=batch_size)
     if method == "perplexity":
-        alone = [perplexity_without([b]) for b in tqdm(range(num_blocks), desc=f"perplexity without each {unit}",
-                                                       unit=unit, file=sys.stderr, disable=not progress)]
-        return lowest(alone), {"calibration_perplexity_without": alone}
-    order, steps = sleb_greedy(num_blocks, n, perplexity_without, allowed)
-    return order, {"calibration_perplexity_by_step": steps}
+        alone = [loss_without([b]) for b in tqdm(range(num_blocks), desc=f"{loss} without each {unit}", unit=unit,
+                                                 file=sys.stderr, disable=not progress)]
+        return lowest(alone), {f"calibration_{loss}_without": alone}
+    order, steps = sleb_greedy(num_blocks, n, loss_without, allowed)
+    return order, {f"calibration_{loss}_by_step": steps}
+
+
+def _calibration_loss(model: nn.Module, token_ids: torch.Tensor, unit: str, *,
+                      batch_size: int) -> tuple[str, Callable[[list[int]], float]]:
+    """The name of the loss the loss-based criteria minimise and the loss with given units skipped: a causal LM's
+    calibration perplexity, or an encoder's embedding distance to its dense self (1 − mean cosine of the
+    calibration windows' sentence embeddings)."""
+    skipping = _skipping(model, unit)
+    if adapter_for(model).causal:
+        def perplexity_without(removed: list[int]) -> float:
+            with skipping(removed):
+                return perplexity(model, token_ids, batch_size=batch_size, progress=False)["perplexity"]
+
+        return "perplexity", perplexity_without
+    dense = window_embeddings(model, token_ids, batch_size=batch_size).double()
+
+    def distance_without(removed: list[int]) -> float:
+        with skipping(removed):
+            embeddings = window_embeddings(model, token_ids, batch_size=batch_size).double()
+        return float(1.0 - (embeddings * dense).sum(-1).mean())
+
+    return "embedding_distance", distance_without
 
 
 def _check_units(model: nn.Module, method: str, unit: str, n: int) -> None:
@@ -279,7 +302,7 @@ def prune_depth(
     calibration_samples: int = 32,
     calibration_seq_len: int = 512,
     seed: int = 0,
-    angular_tokens: str = "last",
+    angular_tokens: str | None = None,
     evaluation=None,
     eval_seq_len: int = 512,
     eval_windows: int | None = 64,
@@ -287,20 +310,24 @@ def prune_depth(
     progress: bool = True,
     model_source: str | None = None,
 ) -> dict:
-    """Remove whole transformer blocks (or their attention or MLP sublayers) from a causal LM in place and return
-    the result record.
+    """Remove whole transformer blocks (or their attention or MLP sublayers) from a causal LM or an encoder in place
+    and return the result record.
 
     method: 'angular', 'block-influence', 'sleb', 'taylor', 'perplexity' (scored on the calibration data), or the
         baselines 'reverse' (the deepest blocks, sparing the final one) and 'random' (drawn with `seed`); see
-        `DEPTH_METHODS`.
+        `DEPTH_METHODS`. On an encoder, 'sleb' and 'perplexity' minimise the embedding distance to the dense model
+        (see the module docstring), and 'taylor', which needs a next-token loss, is refused.
     blocks / remove: exactly one budget, a number of units, or a fraction of all the model's parameters rounded
         half up to whole units (target beside achieved in the record). At least one unit stays.
     unit: 'block' (whole blocks), 'attention' or 'mlp' (that sublayer of the chosen blocks alone, replaced by a
         parameter-free stand-in; Llama-style families only, every method but 'angular').
     merge: fold each contiguous run of chosen blocks into the block before it (LaCo) instead of deleting it.
     calibration: as in `prunekit.prune` (asset name, file, list of strings, or a token tensor used as given).
-    angular_tokens: 'last' (the paper's choice) or 'all' tokens for the angular distance.
-    evaluation: if given, dense and pruned perplexity on it (`eval_windows` windows of `eval_seq_len` tokens).
+    angular_tokens: 'last' or 'all' tokens for the angular distance; default 'last' (the paper's choice) for a
+        causal LM, whose last token has read the whole window, and 'all' for an encoder.
+    evaluation: if given, dense and pruned perplexity on it (`eval_windows` windows of `eval_seq_len` tokens); for
+        an encoder, the mean cosine of its sentence embeddings to the dense ones on `eval_windows` held-out texts
+        of at most `eval_seq_len` tokens (`metrics["embedding_fidelity"]`).
 
     The model computes where it is. Everything is checked before the model changes; SLEB and the perplexity
     criterion skip units only while they score them, Taylor+ frees its gradients. The model keeps working with the
@@ -314,9 +341,16 @@ def prune_depth(
     check_lengths(model, calibration_seq_len=None if given_ids or not calibrated else calibration_seq_len,
                   eval_seq_len=None if evaluation is None or isinstance(evaluation, torch.Tensor) else eval_seq_len,
                   batch_size=batch_size)
+    adapter = adapter_for(model)
+    if method == "taylor" and not adapter.causal:
+        raise PrunekitError("taylor scores blocks by the gradient of the next-token loss, which an encoder does not "
+                            "have; use angular, block-influence, perplexity or sleb (embedding distance), reverse or "
+                            "random")
+    if angular_tokens is None:
+        angular_tokens = "last" if adapter.causal else "all"
     if unit != "block":
         check_sublayer_family(model)
-    block_list = adapter_for(model).block_list(model)
+    block_list = adapter.block_list(model)
     num_blocks = len(block_list)
     unit_sizes = ([sum(p.numel() for p in block.parameters()) for block in block_list] if unit == "block"
                   else sublayer_parameters(model, unit))
@@ -328,8 +362,11 @@ def prune_depth(
     if n > 0 and calibrated:
         calib = calibration_set(model, tokenizer, calibration, samples=calibration_samples,
                                 seq_len=calibration_seq_len, seed=seed)
-    eval_ids = evaluation_info = None
-    if evaluation is not None:
+    eval_ids = evaluation_info = eval_texts = None
+    if evaluation is not None and not adapter.causal:
+        eval_texts = encoder_evaluation_set(model, tokenizer, evaluation, texts=eval_windows, max_length=eval_seq_len)
+        evaluation_info = eval_texts.info
+    elif evaluation is not None:
         windows = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
         eval_ids, evaluation_info = windows.ids, windows.info
     card = model_card(model, model_source)
@@ -373,6 +410,8 @@ def prune_depth(
         metrics["merged_into"] = merged
     if eval_ids is not None:
         metrics["pruned"] = perplexity(model, eval_ids, progress=progress)
+    if eval_texts is not None:
+        metrics["embedding_fidelity"] = eval_texts.fidelity(model, tokenizer)
     method_card = {"name": method, "summary": DEPTH_METHODS[method], "blocks": blocks, "remove": remove,
                    "unit": unit, "merge": merge, "seed": seed, "batch_size": batch_size}
     if method == "angular":

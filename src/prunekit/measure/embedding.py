@@ -39,6 +39,26 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: Sequence[str], *, ba
     return torch.from_numpy(out)
 
 
+def final_hidden(output) -> torch.Tensor:
+    """The last block's hidden states [batch, seq, hidden] from an encoder's output: `last_hidden_state` of a base
+    model (BertModel), else the last of `hidden_states` (a task model such as BertForMaskedLM, called with
+    output_hidden_states=True)."""
+    last = getattr(output, "last_hidden_state", None)
+    return last if last is not None else output.hidden_states[-1]
+
+
+def window_embeddings(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+    """L2-normalised mean-pooled final hidden states of full token windows [n, seq_len] (no padding), float32
+    [n, hidden] on the CPU: the sentence embedding of each calibration window, computed where the model is."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for batch in ids.split(batch_size):
+            output = model(input_ids=batch.to(device), output_hidden_states=True)
+            out.append(nn.functional.normalize(final_hidden(output).float().mean(1), dim=-1).cpu())
+    return torch.cat(out)
+
+
 def embedding_fidelity(dense_embeddings: torch.Tensor | np.ndarray,
                        pruned_embeddings: torch.Tensor | np.ndarray) -> dict:
     """Cosine similarity of each pruned embedding to the dense embedding of the same text (rows paired):

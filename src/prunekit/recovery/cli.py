@@ -1,5 +1,5 @@
-"""`prunekit heal --model DIR --method lora --tokens 2000000 --out healed/`: heal a pruned causal LM; registered by
-`prunekit.cli`.
+"""`prunekit heal --model DIR --method lora --tokens 2000000 --out healed/`: heal a pruned causal LM (or an encoder,
+by distilling the dense one: `--teacher minilm-l6 --distill embedding`); registered by `prunekit.cli`.
 
 A thin layer over `prunekit.recovery.heal`. Everything checkable is checked before the model loads (options, that
 the output is not an input, that it does not exist without --overwrite), so bad input exits 2 with one line and
@@ -19,8 +19,9 @@ from prunekit.errors import PrunekitError
 
 def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `heal` verb on the `prunekit` sub-command set."""
-    p = verbs.add_parser("heal", help="recover a pruned causal LM's quality: LoRA (merged, zeros kept), masked full "
-                         "fine-tuning or PERP, optionally distilling the dense model")
+    p = verbs.add_parser("heal", help="recover a pruned causal LM's or encoder's quality: LoRA (merged, zeros kept), "
+                         "masked full fine-tuning or PERP, optionally (for an encoder, always) distilling the dense "
+                         "model")
     p.add_argument("--model", required=True, help="pruned model: a directory written by prunekit, or an asset name")
     p.add_argument("--method", choices=names.HEAL_METHODS, default="lora", help="what trains (default: lora)")
     p.add_argument("--tokens", type=count(1), default=2_000_000, help="training tokens (default 2000000)")
@@ -28,7 +29,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="training text: asset name (its train split) or a local file (last 10%% of documents held "
                         "out for evaluation)")
     p.add_argument("--eval-data", default=None, help="evaluation text (default: the held-out part of --data)")
-    p.add_argument("--seq-len", type=count(2), default=512, help="tokens per training sequence (default 512)")
+    p.add_argument("--seq-len", type=count(2), default=None,
+                   help="tokens per training sequence (default 512; encoders 128)")
     p.add_argument("--batch-size", type=count(1), default=8, help="sequences per micro-batch (default 8)")
     p.add_argument("--accumulation", type=count(1), default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default by method)")
@@ -37,13 +39,18 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=count(1), default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled alpha/rank (default 16)")
     p.add_argument("--perp-head", action="store_true", help="perp: also train the LM head")
-    p.add_argument("--teacher", default=None, help="dense model to distill from (asset name or directory)")
-    p.add_argument("--distill", choices=names.DISTILL_MODES, default=None, help="distillation loss (needs --teacher)")
+    p.add_argument("--teacher", default=None,
+                   help="dense model to distill from (asset name or directory; an encoder needs it)")
+    p.add_argument("--distill", choices=names.DISTILL_MODES, default=None,
+                   help="distillation loss (needs --teacher): logits[+hidden] for causal LMs, embedding[+hidden] for "
+                        "encoders")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation terms (default 0.5)")
     p.add_argument("--seed", type=count(0), default=0, help="seed for data order and LoRA initialisation")
-    p.add_argument("--eval-seq-len", type=count(2), default=512, help="tokens per evaluation window (default 512)")
-    p.add_argument("--eval-windows", type=count(0), default=64, help="evaluation windows (0 = all; default 64)")
+    p.add_argument("--eval-seq-len", type=count(2), default=None,
+                   help="tokens per evaluation window (default 512); encoders: tokens per text (default 256)")
+    p.add_argument("--eval-windows", type=count(0), default=None,
+                   help="evaluation windows (0 = all; default 64); encoders: held-out texts embedded (default 200)")
     p.add_argument("--checkpoint-dir", default=None, help="save resumable checkpoints here")
     p.add_argument("--checkpoint-every", type=count(1), default=None, help="steps between checkpoints (default: end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
@@ -81,8 +88,20 @@ def run(args: argparse.Namespace) -> dict:
     import transformers
 
     from prunekit import api
-    from prunekit.assets import load_causal_lm
+    from prunekit.assets import is_encoder, load_causal_lm
+    from prunekit.data.embed import load_encoder
     from prunekit.recovery.api import check_heal_options, heal
+
+    encoder = is_encoder(args.model)
+    # an encoder trains on short windows and is judged by its embeddings of held-out texts, as `prunekit prune` does
+    defaults = (dict(seq_len=128, eval_seq_len=256, eval_windows=200) if encoder
+                else dict(seq_len=512, eval_seq_len=512, eval_windows=64))
+    for option, value in defaults.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    if encoder and args.teacher is None:
+        raise PrunekitError(f"{args.model} is an encoder: it heals by distilling the dense model's embeddings; give "
+                            "--teacher (the dense encoder) and --distill embedding")
 
     check_heal_options(args.method, args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                        accumulation=args.accumulation, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
@@ -96,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     api.check_lengths(args.model, calibration_seq_len=args.seq_len, eval_seq_len=args.eval_seq_len)
-    loaded = load_causal_lm(args.model)
+    load = load_encoder if encoder else load_causal_lm
+    loaded = load(args.model)
     manifest = None
     if local_path(args.model) and (Path(args.model) / "prunekit.json").is_file():
         from prunekit.artifacts.io import MANIFEST_LIMIT, read_json_file
@@ -104,8 +124,8 @@ def run(args: argparse.Namespace) -> dict:
         manifest = read_json_file(Path(args.model) / "prunekit.json", limit=MANIFEST_LIMIT, what="manifest")
     teacher, layer_map = None, None
     if args.teacher is not None:
-        teacher = load_causal_lm(args.teacher).model
-        if args.distill == "logits+hidden":
+        teacher = load(args.teacher).model
+        if args.distill.endswith("+hidden"):
             layer_map = _layer_map(manifest, teacher.config.num_hidden_layers)
     record = heal(loaded.model, loaded.tokenizer, method=args.method, tokens=args.tokens, data=args.data,
                   eval_data=args.eval_data, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -124,17 +144,24 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summary(record: dict) -> str:
-    """A few lines for the terminal: method, budget, perplexity before and after, sparsity, time, output."""
-    metrics, method = record["metrics"], record["method"]
+    """A few lines for the terminal: method, budget, perplexity (encoders: embedding fidelity) before and after,
+    sparsity, time, output."""
+    metrics, method, evaluation = record["metrics"], record["method"], record["evaluation"]
     tokens, heal_res = metrics["tokens"], record["resources"]["heal"]
     sparsity = metrics["sparsity"]
+    if "mean_cosine" in metrics["before"]:
+        quality = (f"embeddings mean cosine to dense {metrics['before']['mean_cosine']:.4f} -> "
+                   f"{metrics['after']['mean_cosine']:.4f} ({evaluation['texts']} held-out texts of "
+                   f"{evaluation['source']})")
+    else:
+        quality = (f"perplexity {metrics['before']['perplexity']:.2f} -> {metrics['after']['perplexity']:.2f} "
+                   f"({evaluation['windows']} held-out windows × {evaluation['seq_len']} tokens)")
     lines = [
         f"model      {record['model']['source']} ({record['model']['parameters']:,} parameters)",
         f"method     {method['name']}" + (f", distilled ({method['distill']})" if method["distill"] else "")
         + f", {metrics['trainable_parameters']:,} trainable parameters",
         f"tokens     target {tokens['target']:,}, trained {tokens['achieved']:,} ({metrics['steps']} steps)",
-        f"perplexity {metrics['before']['perplexity']:.2f} -> {metrics['after']['perplexity']:.2f} "
-        f"({record['evaluation']['windows']} held-out windows × {record['evaluation']['seq_len']} tokens)",
+        quality,
         f"sparsity   {sparsity['before']['sparsity']:.4f} -> {sparsity['after']['sparsity']:.4f}",
         f"resources  {heal_res['wall_s']:.1f} s, peak memory {heal_res['peak_rss_mb']:.0f} MB",
     ]

@@ -1,6 +1,7 @@
-"""Knowledge distillation from the dense model: logit KL with a temperature, optionally hidden-state matching.
+"""Knowledge distillation from the dense model: logit KL with a temperature for a causal LM, sentence-embedding
+cosine for an encoder, either optionally with hidden-state matching.
 
-The loss of a batch is
+For a causal LM (`distill="logits"` or `"logits+hidden"`) the loss of a batch is
 
     (1 − α) · CE(student) + α · (T² · KL(p_teacher,T ‖ p_student,T) + H)
 
@@ -8,6 +9,11 @@ The loss of a batch is
 `distill="logits+hidden"`, is the mean over matched layers of the relative squared error
 ‖h_student − h_teacher‖² / ‖h_teacher‖²: relative, because LLM hidden states carry a few huge "massive activations"
 that would otherwise make the deepest layers the whole loss.
+
+An encoder has no next-token loss to mix with, and is used through its sentence embeddings: with
+`distill="embedding"` (or `"embedding+hidden"`, adding H) the loss is the mean over windows of
+1 − cos(e_student, e_teacher), e the mean-pooled final hidden states of the window (the sentence-transformers
+embedding, before its L2 normalisation, which the cosine ignores).
 
 Matching layers. Hidden state i is the output of block i (1-based; the last one after the final norm, as Hugging
 Face returns it). When the student kept every block, student i matches teacher i. A depth-pruned student matches
@@ -25,8 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.measure.embedding import final_hidden
 
-DISTILL_MODES = ("logits", "logits+hidden")
+CAUSAL_DISTILL_MODES = ("logits", "logits+hidden")
+ENCODER_DISTILL_MODES = ("embedding", "embedding+hidden")
+DISTILL_MODES = CAUSAL_DISTILL_MODES + ENCODER_DISTILL_MODES
 
 
 def layer_pairs(student_blocks: int, teacher_blocks: int,
@@ -45,15 +54,33 @@ def layer_pairs(student_blocks: int, teacher_blocks: int,
     return pairs
 
 
-def check_teacher(student: nn.Module, teacher: nn.Module, hidden: bool) -> None:
-    """The teacher must predict the same vocabulary (and, for hidden matching, have the same hidden width)."""
-    s_vocab, t_vocab = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+def check_distill_mode(distill: str, causal: bool) -> None:
+    """A causal LM distils logits, an encoder its embeddings."""
+    modes, kind = (CAUSAL_DISTILL_MODES, "a causal LM") if causal else (ENCODER_DISTILL_MODES, "an encoder")
+    if distill not in modes:
+        raise PrunekitError(f"distill={distill!r} does not apply to {kind}; use one of {', '.join(modes)}")
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, distill: str) -> None:
+    """The teacher must read the same vocabulary, and, for hidden-state matching or embedding distillation (whose
+    cosine compares the two models' vectors), have the same hidden width."""
+    s_vocab = student.get_input_embeddings().num_embeddings
+    t_vocab = teacher.get_input_embeddings().num_embeddings
     if s_vocab != t_vocab:
-        raise PrunekitError(f"the teacher predicts {t_vocab} tokens and the student {s_vocab}; distill from the "
+        raise PrunekitError(f"the teacher reads {t_vocab} tokens and the student {s_vocab}; distill from the "
                             f"model the student was pruned from")
-    if hidden and student.config.hidden_size != teacher.config.hidden_size:
-        raise PrunekitError(f"hidden-state distillation needs equal hidden sizes; student "
-                            f"{student.config.hidden_size}, teacher {teacher.config.hidden_size}: use distill='logits'")
+    widths = student.config.hidden_size, teacher.config.hidden_size
+    if distill != "logits" and widths[0] != widths[1]:
+        instead = ": use distill='logits'" if distill == "logits+hidden" else ""
+        raise PrunekitError(f"distill={distill!r} needs equal hidden sizes; student {widths[0]}, teacher "
+                            f"{widths[1]}{instead}")
+
+
+def _hidden_error(s_out, t_out, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """H: the mean over `pairs` of the relative squared error of the student's hidden state to the teacher's."""
+    errors = [(s_out.hidden_states[s].float() - t_out.hidden_states[t].float()).pow(2).sum()
+              / t_out.hidden_states[t].float().pow(2).sum().clamp_min(1e-12) for s, t in pairs]
+    return torch.stack(errors).mean()
 
 
 def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
@@ -74,9 +101,22 @@ def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
                       log_target=True, reduction="batchmean")
         soft = temperature**2 * kl
         if hidden:
-            errors = [(s_out.hidden_states[s].float() - t_out.hidden_states[t].float()).pow(2).sum()
-                      / t_out.hidden_states[t].float().pow(2).sum().clamp_min(1e-12) for s, t in pairs]
-            soft = soft + torch.stack(errors).mean()
+            soft = soft + _hidden_error(s_out, t_out, pairs)
         return (1 - alpha) * ce + alpha * soft
+
+    return loss_fn
+
+
+def embedding_distillation_loss(teacher: nn.Module, *, pairs: list[tuple[int, int]] | None = None):
+    """A `loss_fn(model, ids)` for `train_causal_lm` that distils an encoder `teacher` (frozen, eval mode) into the
+    model by the cosine of their sentence embeddings of each window; `pairs` (from `layer_pairs`) adds H."""
+
+    def loss_fn(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, output_hidden_states=True)
+        s_out = model(input_ids=ids, output_hidden_states=True)
+        cosine = F.cosine_similarity(final_hidden(s_out).float().mean(1), final_hidden(t_out).float().mean(1), dim=-1)
+        loss = (1.0 - cosine).mean()
+        return loss + _hidden_error(s_out, t_out, pairs) if pairs is not None else loss
 
     return loss_fn

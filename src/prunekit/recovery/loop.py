@@ -178,6 +178,7 @@ def train_causal_lm(
     device: torch.device | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    dropout: bool = True,
 ) -> LMHistory:
     """Train the named `parameters` of `model` in place with AdamW on rows of `windows` for `steps` optimizer steps.
 
@@ -185,8 +186,9 @@ def train_causal_lm(
     loss (default: next-token cross-entropy). The learning rate follows `warmup_cosine`. `masks`
     (`prunekit.training.Masks`) zero the gradients of pruned weights and re-zero them after every step.
     `checkpointing` saves every `every` steps and, with `resume`, continues from the latest checkpoint.
-    `on_step(step, loss)` runs after each step (and its checkpoint). The model is in train mode while training;
-    its mode is restored after.
+    `on_step(step, loss)` runs after each step (and its checkpoint). The model is in train mode while training
+    (eval mode with `dropout=False`, so that the dropout layers pass their input through; gradients flow either
+    way); its mode is restored after.
     """
     if windows.dtype != torch.int64 or windows.dim() != 2 or windows.shape[1] < 2:
         raise PrunekitError(f"training windows must be int64 [rows, seq_len >= 2], got {windows.dtype} "
@@ -209,7 +211,7 @@ def train_causal_lm(
                 masks.apply()
     history.resumed_from = start
     was_training = model.training
-    model.train()
+    model.train(dropout)
     began = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc="heal", unit="step", file=sys.stderr, disable=not progress)
     try:

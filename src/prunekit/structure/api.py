@@ -10,11 +10,16 @@ from torch import nn
 
 from prunekit.adapters import Adapter
 from prunekit.allocation import check_allocation
-from prunekit.assets import text_asset_names
 from prunekit.errors import PrunekitError
-from prunekit.inputs import calibration_set, check_lengths, evaluation_set, max_positions, model_card
+from prunekit.inputs import (
+    calibration_set,
+    check_lengths,
+    encoder_evaluation_set,
+    evaluation_set,
+    max_positions,
+    model_card,
+)
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record
-from prunekit.measure.embedding import embedding_fidelity, sentence_embeddings
 from prunekit.measure.speed import speed_record
 from prunekit.names import STRUCTURE_ALLOCATIONS, STRUCTURE_METHODS
 from prunekit.structure import scores as S
@@ -259,18 +264,6 @@ def model_speed(model: nn.Module, *, timed: bool, seq_len: int = 128) -> dict:
     return result
 
 
-def _encoder_evaluation(evaluation, texts: int | None, max_length: int) -> dict:
-    """The texts an encoder's embeddings are compared on: the first `texts` documents (all if None) of a text
-    asset's held-out split, or of a local file or list of strings, with their protocol description."""
-    from prunekit.corpus import load_texts
-
-    split = "test" if isinstance(evaluation, str) and evaluation in text_asset_names() else None
-    documents = load_texts(evaluation, split=split)[:texts]
-    source = evaluation if isinstance(evaluation, str) else f"{len(documents)} given texts"
-    return {"texts": documents, "info": {"source": source, "split": split, "texts": len(documents),
-                                         "max_length": max_length, "metric": "mean cosine to dense embeddings"}}
-
-
 def _bias_deltas(model: nn.Module, adapter: Adapter, layouts: list[BlockLayout], plans: list[BlockPlan],
                  stats: list, kinds: set[str]) -> None:
     """FLAP's bias compensation (An et al. 2024, Sec. 3.3): the removed channels' mean contribution W[:, removed] ·
@@ -414,8 +407,7 @@ def prune_structure(
     eval_tokens = eval_texts = None
     if evaluation is not None and not adapter.causal:
         # perplexity does not apply to an encoder: its sentence embeddings are compared with the dense ones
-        eval_texts = _encoder_evaluation(evaluation, eval_windows, eval_seq_len)
-        dense_embeddings = sentence_embeddings(model, tokenizer, eval_texts["texts"], max_length=eval_seq_len)
+        eval_texts = encoder_evaluation_set(model, tokenizer, evaluation, texts=eval_windows, max_length=eval_seq_len)
     elif evaluation is not None:
         eval_tokens = evaluation_set(tokenizer, evaluation, seq_len=eval_seq_len, windows=eval_windows)
         metrics["dense"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
@@ -480,15 +472,14 @@ def prune_structure(
         metrics["pruned"] = perplexity(model, eval_tokens.ids, batch_size=4, device=device, progress=progress)
     metrics["speed"] = speed_record(dense_speed, model_speed(model, timed=speed))
     if eval_texts is not None:
-        metrics["embedding_fidelity"] = embedding_fidelity(dense_embeddings, sentence_embeddings(
-            model, tokenizer, eval_texts["texts"], max_length=eval_seq_len))
+        metrics["embedding_fidelity"] = eval_texts.fidelity(model, tokenizer)
     method_card = {"name": method, "object": "structure", "remove": remove, "remove_macs": remove_macs,
                    "allocation": allocation,
                    "units": list(units), "round_to": round_to, "min_keep": min_keep, "mode": mode,
                    "bias_compensation": sorted(kinds), "reconstruct": reconstruct, "seed": seed,
                    "batch_size": batch_size}
     record = result_record(model=card, method=method_card, calibration=calib.info if calib else None,
-                           evaluation=eval_tokens.info if eval_tokens else eval_texts and eval_texts["info"],
+                           evaluation=eval_tokens.info if eval_tokens else eval_texts and eval_texts.info,
                            metrics=metrics,
                            resources={"prune": monitor.as_dict(), "device": str(device),
                                       "threads": torch.get_num_threads()})
