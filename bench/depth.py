@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, bench_parser, publish, read_rows, table_rows  # noqa: E402
+from tables import RESULTS, append_row, bench_parser, median_cell, publish, read_rows, table_rows  # noqa: E402
 
 MODELS = {"smollm2-135m": ("SmolLM2-135M", "depth_smollm2"), "gemma3-270m": ("Gemma-3-270M", "depth_gemma3")}
 BUDGETS = (2, 4, 6, 8)
@@ -252,9 +252,8 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
             if not found:
                 cells.append("—")
                 continue
-            values = sorted(r["perplexity"] for r in found)
-            ppl = statistics.median(values)
-            cell = _fmt(ppl) + (f" ({_fmt(values[0])}–{_fmt(values[-1])})" if len(values) > 1 else "")
+            ppl = statistics.median(r["perplexity"] for r in found)
+            cell = median_cell([r["perplexity"] for r in found], _fmt)
             if method != "reverse" and blocks in reverse:
                 cell += f" · {ppl / reverse[blocks]:.2g}×"
             cells.append(cell)

@@ -22,13 +22,21 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import RESULTS, append_row, bench_parser, publish, read_rows, run_bench, table_rows  # noqa: E402
+from tables import (  # noqa: E402
+    RESULTS,
+    append_row,
+    bench_parser,
+    median_cell,
+    publish,
+    read_rows,
+    run_bench,
+    table_rows,
+)
 
 RAW = RESULTS / "depth_minilm.jsonl"
 MODEL = "minilm-l6"
@@ -121,11 +129,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             if not at:
                 cells.append("")
                 continue
-            values = sorted(r["mean_cosine"] for r in at)
-            cell = f"{statistics.median(values):.3f}"
-            if len(values) > 1:
-                cell += f" ({values[0]:.3f}–{values[-1]:.3f})"
-            cells.append(f"{cell} · {at[0]['removed_fraction']:.1%}")
+            cells.append(f"{median_cell([r['mean_cosine'] for r in at], '{:.3f}'.format)} · "
+                         f"{at[0]['removed_fraction']:.1%}")
             if n == 2 and method != "random":
                 chosen = ", ".join(map(str, at[0]["removed_blocks"]))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")

@@ -9,6 +9,7 @@ markers (the reading of each table) is written by hand. Run after any benchmark 
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,13 @@ def table_rows(path: Path) -> list[dict]:
         print(f"{name}: no rows in {path} yet: run the benchmark without --table first", file=sys.stderr)
         sys.exit(2)
     return rows
+
+
+def median_cell(values: list[float], fmt: Callable[[float], str]) -> str:
+    """The median of repeated measurements (seeds), followed by their range when there is more than one."""
+    values = sorted(values)
+    cell = fmt(statistics.median(values))
+    return cell + (f" ({fmt(values[0])}–{fmt(values[-1])})" if len(values) > 1 else "")
 
 
 def append_row(path: Path, row: dict) -> None:

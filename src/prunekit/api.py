@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from prunekit.adapters import adapter_for, projection_weight
 from prunekit.adapters.moe import MoeAdapter
 from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsities, check_allocation
 from prunekit.artifacts import load_pruned, save_module, save_pruned
-from prunekit.budget import WeightBudget, weight_budget
+from prunekit.budget import WeightBudget, parse_pattern, weight_budget
 from prunekit.depth import prune_depth, removed_sublayers
 from prunekit.errors import PrunekitError
 from prunekit.inputs import (
@@ -74,14 +75,52 @@ def evaluate(
     )
 
 
+def _given_mask_plan(model: nn.Module, adapter, masks: Mapping[str, torch.Tensor]) -> tuple[dict, BlockPlan]:
+    """The given keep-masks checked against the target weights (names, shapes, bool), and each block's sparsity:
+    the share of its target weights they remove."""
+    targets = target_weights(model)
+    checked = {}
+    for name, keep in masks.items():
+        if name not in targets:
+            raise PrunekitError(f"mask for {name!r} names no prunable weight of this model; weights look like "
+                                f"{next(iter(targets), 'none')!r}")
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != targets[name].shape:
+            shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise PrunekitError(f"mask for {name!r} must be a bool tensor of the weight's shape "
+                                f"{tuple(targets[name].shape)}, got {getattr(keep, 'dtype', '')} {shape}")
+        checked[name] = keep
+    prefix = adapter.block_prefix(model)
+    sparsities = []
+    for index, block in enumerate(adapter.block_list(model)):
+        names = [f"{prefix}.{index}.{n}.weight" for n in adapter.projections(block)]
+        numel = sum(targets[n].numel() for n in names)
+        removed = sum(int((~checked[n]).sum()) for n in names if n in checked)
+        sparsities.append(removed / numel if numel else 0.0)
+    return checked, BlockPlan(sparsities)
+
+
+def _mean_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> float:
+    """The share of all target weights the masks remove."""
+    numel = sum(w.numel() for w in target_weights(model).values())
+    return sum(int((~keep).sum()) for keep in masks.values()) / numel
+
+
 def check_prune_options(
     method: str, sparsity: float | None, pattern: str | None, allocation: str, blocksize: int = 128,
     damping: float = 0.01, *, admm_rho: float = 1.0, admm_iterations: int = 20, dsnot_cycles: int = 50,
     ecoflap_directions: int = 2, ecoflap_epsilon: float = 1e-3, true_sequential: bool = False,
 ) -> tuple[WeightMethod, WeightBudget]:
-    """Validate the model-independent options of `prune`, so that callers can fail before loading a model."""
+    """Validate the model-independent options of `prune`, so that callers can fail before loading a model. For a
+    method whose masks are given (`given+admm`) the budget's sparsity is a placeholder: `prune` takes it from the
+    masks."""
     method_spec = get_method(method)
-    budget = weight_budget(sparsity, pattern)
+    if method_spec.given_masks:
+        if sparsity is not None or parse_pattern(pattern).is_nm or allocation != "uniform":
+            raise PrunekitError(f"method '{method_spec.name}' removes what the masks given (masks=) remove; leave "
+                                f"sparsity, pattern and allocation unset")
+        budget = WeightBudget(0.0, parse_pattern(None))
+    else:
+        budget = weight_budget(sparsity, pattern)
     check_allocation(allocation, ONESHOT_ALLOCATIONS, "one-shot pruning (erk and er depend only on shapes, equal "
                      "in every block; global-min is for training-time pruning)")
     if allocation not in ("uniform", "owl") and budget.pattern.is_nm:
@@ -128,12 +167,18 @@ def prune(
     progress: bool = True,
     model_source: str | None = None,
     return_masks: bool = False,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict | tuple[dict, dict[str, torch.Tensor]]:
     """Prune the weights of a causal LM in place, one transformer block at a time, and return the result record.
 
     method: one of `prunekit.names.ONESHOT_METHODS`: magnitude, random, wanda, ria, sparsegpt, admm, or a scored
         method followed by the ADMM weight update ('wanda+admm'); `admm_rho` and `admm_iterations` set ADMM's
-        penalty and number of iterations.
+        penalty and number of iterations. 'given+admm' removes what `masks` say and updates the kept weights by
+        ADMM.
+    masks: for 'given+admm' only: keep-masks {parameter name: bool tensor in the parameter's layout} of the
+        target weights, from any source (`return_masks=True` of another method, `prune_structure(...,
+        mode="mask")` for a structured mask); a weight without one stays whole. Sparsity, pattern and allocation
+        follow from them and are left unset.
     sparsity: fraction of each targeted weight matrix set to zero, in [0, 1). With an N:M `pattern` it may be
         omitted (it is 1 - N/M).
     pattern: 'unstructured' (default) or 'N:M' (keep N of every M consecutive weights along the input dimension).
@@ -167,6 +212,10 @@ def prune(
                                               ecoflap_epsilon=ecoflap_epsilon, true_sequential=true_sequential)
     check_run_lengths(model, calibration, calibration_seq_len, evaluation, eval_seq_len, batch_size)
     check_offload_support(model, allocation=allocation, statistics=method_spec.statistics)
+    if method_spec.given_masks != (masks is not None):
+        raise PrunekitError(f"method '{method_spec.name}' needs masks= (the keep-masks to apply)"
+                            if method_spec.given_masks else
+                            f"masks= are applied by method 'given+admm'; method '{method_spec.name}' chooses its own")
     adapter = adapter_for(model)
     if isinstance(adapter, MoeAdapter):
         raise PrunekitError(f"prune reaches only plain Linear projections, not the experts of this {adapter.family} "
@@ -199,6 +248,10 @@ def prune(
     was_training = model.training
     model.eval()
     plan = BlockPlan([budget.sparsity] * len(adapter.block_list(model)))
+    given = None
+    if masks is not None:
+        given, plan = _given_mask_plan(model, adapter, masks)
+        budget = WeightBudget(_mean_sparsity(model, given), budget.pattern)
 
     def block_inputs():
         # Captured afresh for each pass (only the embeddings run) and never held here, so that the engine can
@@ -225,7 +278,7 @@ def prune(
                                        pattern=plan.patterns or budget.pattern,
                                        inputs=block_inputs() if calibrated else None,
                                        options=options, device=compute, progress=progress, keep_masks=return_masks,
-                                       gradients=gradients)
+                                       gradients=gradients, given_masks=given)
     finally:
         model.train(was_training)
 
@@ -246,6 +299,8 @@ def prune(
         "pattern": str(budget.pattern), "allocation": allocation, "comparison_group": method_spec.comparison,
         **options.as_dict(), "batch_size": batch_size,
     }
+    if given is not None:
+        method_card.update(masks="given", masked_weights=len(given), block_sparsities=plan.sparsities)
     if allocation == "owl":
         method_card.update(owl_threshold=owl_threshold, owl_limit=owl_limit,
                            owl_block_sparsities=plan.sparsities, owl_outlier_ratios=plan.outlier_ratios)

@@ -407,6 +407,9 @@ def _run(args: argparse.Namespace) -> dict:
                 if not applies(args):
                     raise PrunekitError(f"--{option.replace('_', '-')} applies to {applies_to}, not to method "
                                         f"'{args.method}' with --allocation {args.allocation}")
+            if args.method == "given+admm":
+                raise PrunekitError("method 'given+admm' applies keep-masks, which only the Python API takes: "
+                                    "prunekit.prune(model, tokenizer, method='given+admm', masks=...)")
             method_spec, _ = api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation,
                                                      args.blocksize, args.damping, **weight_options)
             if args.offload:

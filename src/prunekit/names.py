@@ -7,7 +7,7 @@ names, and tests/test_names.py checks that each registry and its names agree.
 
 ONESHOT_METHODS = ("magnitude", "random", "wanda", "ria", "sparsegpt", "admm", "magnitude+admm", "wanda+admm",
                    "ria+admm", "magnitude+dsnot", "wanda+dsnot", "ria+dsnot", "sparsegpt+dsnot", "admm+dsnot",
-                   "pruner-zero")
+                   "pruner-zero", "given+admm")
 # Structured width pruning (`prunekit.prune_structure`) and depth pruning (`prunekit.prune_depth`).
 STRUCTURE_METHODS = ("l1", "l2", "random", "activation", "wanda-sp", "flap", "obs")
 STRUCTURE_ALLOCATIONS = ("uniform", "global")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -450,16 +450,28 @@ def _parameter_layout(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     return mask.t().contiguous() if is_conv1d(module) else mask
 
 
+def _given_mask(masks: Mapping[str, torch.Tensor] | None, name: str, module: nn.Module, weight: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """The caller's keep-mask of one weight as [out, in] on `device` (all True when none is given for it)."""
+    keep = (masks or {}).get(name)
+    if keep is None:
+        return torch.ones(weight.shape, dtype=torch.bool, device=device)
+    return _parameter_layout(module, keep.to(device=device, dtype=torch.bool))
+
+
 def prune_sequentially(
     model: nn.Module, adapter: Adapter, method: WeightMethod, *, sparsities: list[float],
     pattern: Pattern | Sequence[Pattern], inputs: list[BlockInput] | None, options: PruneOptions,
     device: torch.device, progress: bool, keep_masks: bool = False, gradients: dict[str, torch.Tensor] | None = None,
+    given_masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune every block in order, calibrating each on the outputs of the already pruned blocks before it.
 
     `pattern` is one for all blocks, or one per block (OWL's N:M allocation, `owl_nm_patterns`). A method with
     statistics "gradients" (Pruner-Zero) needs `gradients`, by parameter name (`calibration_gradients`), and no
-    `inputs`. Each input group is decided by `method` (masks, and updated weights for reconstruction), then applied.
+    `inputs`. A method with `given_masks` gets, for each weight, its keep-mask from `given_masks` (by parameter
+    name, in the parameter's layout, as `keep_masks` returns them; a weight without one is kept whole). Each input
+    group is decided by `method` (masks, and updated weights for reconstruction), then applied.
     With `keep_masks`, returns the keep-mask of every targeted weight by its parameter name (`<block prefix>.<i>.
     self_attn.q_proj.weight`), boolean, in the parameter's layout and on its device: the form
     `prunekit.training.Masks` takes. A block left dense (sparsity 0) has all-True masks. Otherwise returns {}.
@@ -501,7 +513,12 @@ def prune_sequentially(
                 else:
                     stats = groups.stats[group] if calibrated else None
                 weights = [projection_weight(m) for m in modules]
-                decision = method.prune_group(weights, stats, sparsities[index], patterns[index], options, generator)
+                extra = {}
+                if method.given_masks:
+                    extra["masks"] = [_given_mask(given_masks, f"{prefix}.{index}.{n}.weight", m, w, device)
+                                      for n, m, w in zip(group, modules, weights, strict=True)]
+                decision = method.prune_group(weights, stats, sparsities[index], patterns[index], options, generator,
+                                              **extra)
                 for name, module, pruned, keep in zip(group, modules, decision.pruned(weights), decision.masks,
                                                       strict=True):
                     set_projection_weight(module, pruned)

@@ -4,7 +4,8 @@ A method decides for the projections of one *input group* (projections that read
 v) given the calibration statistics of that input (statistics "norms" or "hessian": an `InputStats`; "gradients":
 the gradient of the calibration loss for each weight, [out, in]); methods that need no calibration get `stats=None`.
 It returns a `GroupDecision` (keep-masks, and updated weights for reconstruction methods) and changes nothing:
-applying the decision is the engine's separate step.
+applying the decision is the engine's separate step. A method that takes its masks from the caller (`given_masks`)
+also gets them, `masks=`, one per weight of the group, [out, in].
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class WeightMethod:
     comparison: str  # where unstructured scores compete: "row" or "layer"
     prune_group: GroupPruner = field(repr=False)
     summary: str = ""
+    given_masks: bool = False  # the keep-masks come from the caller (prune's masks=), passed as masks=
 
 
 def scored_method(name: str, statistics: str | None, comparison: str, score: ScoreFn, summary: str) -> WeightMethod:
@@ -133,6 +135,17 @@ def admm_updated(method: WeightMethod) -> WeightMethod:
 
     return WeightMethod(f"{method.name}+admm", "hessian", method.comparison, prune_group,
                         f"{method.summary}, then the ADMM weight update (Boža 2024)")
+
+
+def _given_admm_group(weights, stats, sparsity, pattern, options, generator, *, masks):
+    """The caller's keep-masks, and the kept weights updated by ADMM; a group the masks leave whole is unchanged
+    (ADMM would only approach the dense weights it already has)."""
+    if all(bool(keep.all()) for keep in masks):
+        return GroupDecision(list(masks))
+    rows = [w.shape[0] for w in weights]
+    updated = admm_update(torch.cat(weights), stats.hessian, torch.cat(masks), rho=options.admm_rho,
+                          iterations=options.admm_iterations, damping=options.admm_damping)
+    return GroupDecision(list(masks), list(updated.split(rows)))
 
 
 def dsnot_refined(method: WeightMethod) -> WeightMethod:
@@ -184,6 +197,9 @@ METHODS: dict[str, WeightMethod] = {
         # Pruner-Zero's reference code builds on Wanda's and compares per output row
         WeightMethod("pruner-zero", "gradients", "row", _pruner_zero_group,
                      "|W*W| * min-max-scaled |gradient of the calibration loss| (Dong et al. 2024)"),
+        WeightMethod("given+admm", "hessian", "row", _given_admm_group,
+                     "the keep-masks given (any method's, a structured mask), then the ADMM weight update "
+                     "(Boža 2024)", given_masks=True),
     )
 }
 
