@@ -6,9 +6,9 @@ calibration windows), `reverse`, and `random` with three seeds. Calibration: 16 
 `wiki-summaries` train split (seed 0). Quality: the mean cosine between the pruned and the dense model's sentence
 embeddings (mean-pooled, normalised) of the first 200 texts of the BBC News test split, truncated to 128 tokens, so
 the measure is out of the calibration domain. Healing (`prunekit.heal`, LoRA rank 8 on every projection, merged,
-distilling the dense model's embeddings: 1 - cosine of each mean-pooled window) on `--heal-tokens` tokens of the
-wiki-summaries train split (128-token windows, batch 8, seed 0) for the best informed method and reverse order at
-each budget.
+distilling the dense model's embeddings: 1 - cosine of each mean-pooled window) on `--heal-tokens` (65,536) tokens
+of the wiki-summaries train split (128-token windows, batch 8, seed 0) for the best informed method and reverse
+order at each budget.
 
     nice -n 10 .venv/bin/python bench/depth_encoder.py         # resumes from the rows already written
     .venv/bin/python bench/depth_encoder.py --table
@@ -117,8 +117,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
              f"News test split ({TOKENS} tokens each; 1.0 = unchanged), then the share of all parameters removed. "
              f"Scorers calibrated on 16 × 128 tokens of the `wiki-summaries` train split (seed 0); perplexity and "
              f"sleb minimise the embedding distance to the dense model on those windows; random: median of seeds "
-             f"0, 1, 2 (min–max). {args.threads} threads on {platform.processor() or platform.machine()} "
-             f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}. "
+             f"0, 1, 2 (min–max). {env['torch_threads']} torch thread(s) on "
+             f"{platform.processor() or platform.machine()} ({env['cpu_count']} cores), torch {env['torch']}, "
+             f"transformers {env['transformers']}. "
              f"Regenerate: `.venv/bin/python bench/depth_encoder.py`.", "",
              "| method | " + " | ".join(f"n = {n}" for n in BUDGETS) + " | blocks removed at n = 2 |",
              "|---|" + "---:|" * len(BUDGETS) + "---|"]
@@ -153,7 +154,7 @@ def write(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--heal-tokens", type=int, default=16_384)
+    parser.add_argument("--heal-tokens", type=int, default=65_536)
     run_bench(parser, run, write)
 
 

@@ -27,6 +27,7 @@ from prunekit.inputs import (
 )
 from prunekit.measure import ResourceMonitor, parameter_counts, perplexity, result_record, weights_sha256
 from prunekit.recovery.distill import (
+    CAUSAL_DISTILL_MODES,
     DISTILL_MODES,
     check_distill_mode,
     check_teacher,
@@ -270,8 +271,7 @@ def heal(
     home = next(model.parameters()).device
     teacher_home = None if teacher is None else next(teacher.parameters()).device
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    if not causal:
-        before = measure()  # on the CPU, before the model moves to `compute`
+    before = None if causal else measure()  # an encoder is measured on the CPU, before it moves to `compute`
     model.to(compute)
     metrics: dict = {"before": measure() if causal else before, "sparsity": {"before": sparsity_of(model)}}
     method_card = {
@@ -289,7 +289,7 @@ def heal(
         method_card["perp_head"] = perp_head
     if distill is not None:
         method_card["layer_pairs"] = None if pairs is None else [list(p) for p in pairs]
-    if distill in ("logits", "logits+hidden"):
+    if distill in CAUSAL_DISTILL_MODES:
         method_card.update(temperature=temperature, distill_alpha=distill_alpha)
     checkpointing = None
     if checkpoint_dir is not None:
