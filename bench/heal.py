@@ -11,6 +11,7 @@ the first `--eval-windows` non-overlapping 512-token windows of the held-out spl
 sparsity after healing (it must equal the sparsity before).
 
     nice -n 10 .venv/bin/python bench/heal.py
+    nice -n 10 .venv/bin/python bench/heal.py --tokens 131072 --heals lora --only "sparsegpt 50%"   # a larger budget
     .venv/bin/python bench/heal.py --table
 
 Rows are appended to bench/results/heal_smollm2.jsonl as they finish (a cut run resumes); the table goes to
@@ -61,17 +62,18 @@ def run(args: argparse.Namespace) -> None:
     from prunekit.recovery import heal
 
     torch.set_num_threads(args.threads)
-    done = {(r["pruned"], r.get("heal")) for r in _rows()}
+    done = {(r["pruned"], r.get("heal"), r.get("tokens")) for r in _rows()}
     loaded = load_causal_lm(MODEL)
     dense, tokenizer = loaded.model.eval(), loaded.tokenizer
     windows = evaluation_windows(tokenizer, "wiki-summaries", seq_len=SEQ_LEN, max_windows=args.eval_windows)
-    if ("dense", None) not in done:
+    if ("dense", None, None) not in done:
         _append({"pruned": "dense", "perplexity": perplexity(dense, windows.ids, progress=False)["perplexity"],
                  "evaluation": windows.info, "environment": environment()})
     calib = dict(calibration="wiki-summaries", calibration_samples=32, calibration_seq_len=SEQ_LEN, seed=0,
                  batch_size=4, progress=False, model_source=MODEL)
+    heals = {h: HEALS[h] for h in args.heals or HEALS}
     for name in args.only or PRUNED:
-        if all((name, h) in done for h in HEALS):
+        if all((name, h, args.tokens) in done for h in heals):
             continue
         kind, method, options = PRUNED[name]
         pruned = copy.deepcopy(dense)
@@ -81,8 +83,8 @@ def run(args: argparse.Namespace) -> None:
         else:
             prune_structure(pruned, tokenizer, method=method, **options, **calib)
         prune_s = time.perf_counter() - start
-        for heal_name, heal_options in HEALS.items():
-            if (name, heal_name) in done:
+        for heal_name, heal_options in heals.items():
+            if (name, heal_name, args.tokens) in done:
                 continue
             model = copy.deepcopy(pruned)
             teacher = dense if "distill" in heal_options else None
@@ -101,6 +103,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     env = dense["environment"]
     healed = [r for r in rows if r["pruned"] != "dense"]
     tokens = healed[0]["tokens"] if healed else args.tokens
+    larger = [r for r in healed if r["tokens"] != tokens]
+    healed = [r for r in healed if r["tokens"] == tokens]
     lines = [f"SmolLM2-135M (`{MODEL}`), dense perplexity {dense['perplexity']:.2f} on the first "
              f"{dense['evaluation']['windows']} non-overlapping {SEQ_LEN}-token windows of the held-out "
              f"`wiki-summaries` split. Each pruned model healed from the same pruned weights on {tokens:,} tokens "
@@ -113,12 +117,21 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
              f"Regenerate: `.venv/bin/python bench/heal.py`.", "",
              "| pruned model | healing | before | after | gap closed | zeros before → after | heal s |",
              "|---|---|---:|---:|---:|---|---:|"]
-    for r in healed:
-        closed = (r["before"] - r["after"]) / (r["before"] - dense["perplexity"])
-        zeros = f"{r['sparsity']['before']['sparsity']:.2%} → {r['sparsity']['after']['sparsity']:.2%}"
-        lines.append(f"| {r['pruned']} | {r['heal']} | {r['before']:.2f} | {r['after']:.2f} | {closed:.0%} | "
-                     f"{zeros} | {r['heal_s']:.0f} |")
+    lines += [_row(r, dense) for r in healed]
+    if larger:
+        lines += ["", "The same healing on other token budgets:", "",
+                  "| pruned model | healing | tokens | before | after | gap closed | zeros before → after | heal s |",
+                  "|---|---|---:|---:|---:|---:|---|---:|"]
+        lines += [_row(r, dense, tokens=True) for r in larger]
     return "\n".join(lines)
+
+
+def _row(r: dict, dense: dict, tokens: bool = False) -> str:
+    closed = (r["before"] - r["after"]) / (r["before"] - dense["perplexity"])
+    zeros = f"{r['sparsity']['before']['sparsity']:.2%} → {r['sparsity']['after']['sparsity']:.2%}"
+    budget = f" {r['tokens']:,} |" if tokens else ""
+    return (f"| {r['pruned']} | {r['heal']} |{budget} {r['before']:.2f} | {r['after']:.2f} | {closed:.0%} | {zeros} | "
+            f"{r['heal_s']:.0f} |")
 
 
 def write(args: argparse.Namespace) -> None:
@@ -130,6 +143,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32_768)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--only", nargs="*", choices=list(PRUNED), help="pruned models to heal (default: all)")
+    parser.add_argument("--heals", nargs="*", choices=list(HEALS), help="healing methods (default: all)")
     run_bench(parser, run, write)
 
 
