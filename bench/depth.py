@@ -283,7 +283,7 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
             text += (f"\n| {n} | {fraction.get(n, float('nan')):.1%} | {g['dense']:.1f} → {g['pruned']:.1f} | "
                      f"{g['pruned'] / g['dense']:.2f} | {p['dense']:.0f} → {p['pruned']:.0f} | "
                      f"{p['pruned'] / p['dense']:.2f} | {layers / (layers - n):.2f} |")
-    healed = [r for r in rows if r["kind"] == "heal"]
+    healed = sorted((r for r in rows if r["kind"] == "heal"), key=lambda r: (r["blocks"], r["method"] == "reverse"))
     if healed:
         tokens = healed[0]["tokens"]
         tokens = tokens["achieved"] if isinstance(tokens, dict) else tokens  # heal's record: target and achieved
