@@ -26,7 +26,7 @@ from prunekit.inputs import (
 from prunekit.measure import ResourceMonitor, perplexity
 from prunekit.measure.protocol import result_record, weight_facts
 from prunekit.structure import prune_structure, saved_widths
-from prunekit.targets import projection_weights, target_weights
+from prunekit.targets import mask_target, projection_weights, target_weights
 from prunekit.weights.ecoflap import check_ecoflap_options, ecoflap_plan
 from prunekit.weights.engine import (
     BlockPlan,
@@ -75,34 +75,28 @@ def evaluate(
     )
 
 
-def _given_mask_plan(model: nn.Module, adapter, masks: Mapping[str, torch.Tensor]) -> tuple[dict, BlockPlan]:
-    """The given keep-masks checked against the target weights (names, shapes, bool), and each block's sparsity:
-    the share of its target weights they remove."""
+def _given_mask_plan(model: nn.Module, adapter,
+                     masks: Mapping[str, torch.Tensor]) -> tuple[dict, BlockPlan, float]:
+    """The given keep-masks checked against the target weights (names, shapes, bool), each block's sparsity (the
+    share of its target weights they remove) and the share of all target weights they remove."""
     targets = target_weights(model)
     checked = {}
     for name, keep in masks.items():
-        if name not in targets:
-            raise PrunekitError(f"mask for {name!r} names no prunable weight of this model; weights look like "
-                                f"{next(iter(targets), 'none')!r}")
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != targets[name].shape:
+        weight = mask_target(targets, name)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != weight.shape:
             shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
             raise PrunekitError(f"mask for {name!r} must be a bool tensor of the weight's shape "
-                                f"{tuple(targets[name].shape)}, got {getattr(keep, 'dtype', '')} {shape}")
+                                f"{tuple(weight.shape)}, got {getattr(keep, 'dtype', '')} {shape}")
         checked[name] = keep
     prefix = adapter.block_prefix(model)
-    sparsities = []
+    sparsities, removed_total, numel_total = [], 0, 0
     for index, block in enumerate(adapter.block_list(model)):
         names = [f"{prefix}.{index}.{n}.weight" for n in adapter.projections(block)]
         numel = sum(targets[n].numel() for n in names)
         removed = sum(int((~checked[n]).sum()) for n in names if n in checked)
         sparsities.append(removed / numel if numel else 0.0)
-    return checked, BlockPlan(sparsities)
-
-
-def _mean_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> float:
-    """The share of all target weights the masks remove."""
-    numel = sum(w.numel() for w in target_weights(model).values())
-    return sum(int((~keep).sum()) for keep in masks.values()) / numel
+        removed_total, numel_total = removed_total + removed, numel_total + numel
+    return checked, BlockPlan(sparsities), removed_total / numel_total
 
 
 def check_prune_options(
@@ -250,8 +244,8 @@ def prune(
     plan = BlockPlan([budget.sparsity] * len(adapter.block_list(model)))
     given = None
     if masks is not None:
-        given, plan = _given_mask_plan(model, adapter, masks)
-        budget = WeightBudget(_mean_sparsity(model, given), budget.pattern)
+        given, plan, mean = _given_mask_plan(model, adapter, masks)
+        budget = WeightBudget(mean, budget.pattern)
 
     def block_inputs():
         # Captured afresh for each pass (only the embeddings run) and never held here, so that the engine can

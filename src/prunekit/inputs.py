@@ -117,9 +117,7 @@ def encoder_evaluation_set(reference: nn.Module, tokenizer, evaluation, *, texts
         ids = evaluation[:texts]
         info = {"source": f"{len(ids)} given token windows", "split": None, "texts": len(ids),
                 "max_length": ids.shape[-1], "metric": "mean cosine to dense embeddings"}
-        evaluated = EncoderEvaluation(None, ids.shape[-1], info, torch.empty(0), ids)
-        evaluated.reference = evaluated.embeddings(reference, tokenizer)
-        return evaluated
+        return EncoderEvaluation(None, ids.shape[-1], info, window_embeddings(reference, ids), ids)
     _check_tokenizer(tokenizer, evaluation, "evaluation")
     split = "test" if isinstance(evaluation, str) and evaluation in text_asset_names() else None
     documents = load_texts(evaluation, split=split)[:texts]

@@ -19,8 +19,17 @@ import torch
 from torch import nn
 
 from prunekit.adapters import find_adapter, projection_weight
+from prunekit.errors import PrunekitError
 
 TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def mask_target(targets: dict[str, nn.Parameter], name: str) -> nn.Parameter:
+    """The target weight a caller's keep-mask names (`targets` from `target_weights`), or a one-line error."""
+    if name not in targets:
+        raise PrunekitError(f"mask for {name!r} names no prunable weight of this model; weights look like "
+                            f"{next(iter(targets), 'none')!r}")
+    return targets[name]
 
 
 def target_weights(model: nn.Module) -> dict[str, nn.Parameter]:

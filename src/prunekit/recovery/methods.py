@@ -19,7 +19,7 @@ from torch import nn
 
 from prunekit.adapters import find_adapter, is_conv1d
 from prunekit.errors import PrunekitError
-from prunekit.targets import target_weights
+from prunekit.targets import mask_target, target_weights
 
 HEAL_METHODS = {
     "lora": "low-rank adapters on the attention and MLP projections, merged at the end, masks re-applied",
@@ -46,10 +46,7 @@ def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str
     available = target_weights(model)
     checked = {}
     for name, mask in masks.items():
-        if name not in available:
-            raise PrunekitError(f"mask for {name!r} names no prunable weight of this model; weights look like "
-                                f"{next(iter(available), 'none')!r}")
-        weight = available[name]
+        weight = mask_target(available, name)
         if tuple(mask.shape) != tuple(weight.shape):
             raise PrunekitError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
         keep = mask.to(device=weight.device, dtype=torch.bool)
