@@ -277,7 +277,7 @@ def test_cli_refuses_given_admm_in_one_line(tmp_path, capsys):
 
     code = main(["prune", "--model", "smollm2-135m", "--method", "given+admm", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "only the Python API takes" in err and "\n" not in err
+    assert code == 2 and "applies the keep-masks of --masks FILE" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
 
 

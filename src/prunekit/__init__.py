@@ -8,8 +8,8 @@ from prunekit.errors import PrunekitError
 
 __version__ = "0.1.0"
 
-_API = ("ALLOCATIONS", "METHODS", "evaluate", "load", "load_offloaded", "prune", "prune_depth", "prune_structure",
-        "save", "target_weights")
+_API = ("ALLOCATIONS", "METHODS", "evaluate", "load", "load_masks", "load_offloaded", "prune", "prune_depth",
+        "prune_structure", "save", "save_masks", "target_weights")
 
 __all__ = ["PrunekitError", "__version__", *_API, "heal"]
 

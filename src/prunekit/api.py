@@ -11,7 +11,7 @@ from torch import nn
 from prunekit.adapters import adapter_for, projection_weight
 from prunekit.adapters.moe import MoeAdapter
 from prunekit.allocation import ALLOCATIONS, ONESHOT_ALLOCATIONS, block_sparsities, check_allocation
-from prunekit.artifacts import load_pruned, save_module, save_pruned
+from prunekit.artifacts import load_masks, load_pruned, save_masks, save_module, save_pruned
 from prunekit.budget import WeightBudget, parse_pattern, weight_budget
 from prunekit.depth import prune_depth, removed_sublayers
 from prunekit.errors import PrunekitError
@@ -41,7 +41,8 @@ from prunekit.weights.offload import check_offload_support, load_offloaded, save
 from prunekit.weights.scores import magnitude_scores
 
 __all__ = ["ALLOCATIONS", "METHODS", "ONESHOT_ALLOCATIONS", "check_lengths", "check_prune_options", "evaluate", "load",
-           "load_offloaded", "prune", "prune_depth", "prune_structure", "save", "target_weights"]
+           "load_masks", "load_offloaded", "prune", "prune_depth", "prune_structure", "save", "save_masks",
+           "target_weights"]
 
 
 def evaluate(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prunekit import names
-from prunekit.artifacts.files import check_distinct, check_output_dir
+from prunekit.artifacts.files import Staging, check_distinct, check_output, check_output_dir
 from prunekit.errors import PrunekitError
 
 # prunekit's modules import torch and transformers (seconds); the parser does not, so that `--help` and argument
@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true", default=None,
                    help="weights: keep the model's blocks in their files and load one at a time (models larger "
                         "than memory); the output is written shard by shard")
+    p.add_argument("--masks", default=None, metavar="FILE",
+                   help="given+admm: the keep-masks to apply, a safetensors file of bool tensors by parameter name "
+                        "(as --save-masks writes)")
+    p.add_argument("--save-masks", default=None, metavar="FILE",
+                   help="weights: also write the keep-masks the method chose to this safetensors file (for "
+                        "given+admm --masks, or prunekit heal --masks)")
     p.add_argument("--blocksize", type=count(1), default=128, help="SparseGPT lazy-update block (default 128)")
     p.add_argument("--damping", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--batch-size", type=count(1), default=8, help="calibration sequences per forward (default 8)")
@@ -240,7 +246,7 @@ _WEIGHT_OPTIONS = {"admm_rho": ("ADMM methods", lambda a: "admm" in a.method),
                    # which methods it changes, check_prune_options says
                    "true_sequential": ("methods calibrated on activations", lambda a: True)}
 # Options that apply to one object only; giving one for another object is refused, never silently ignored.
-_OPTIONS_OF = {"weights": ("sparsity", "pattern", "offload", *_WEIGHT_OPTIONS),
+_OPTIONS_OF = {"weights": ("sparsity", "pattern", "offload", "masks", "save_masks", *_WEIGHT_OPTIONS),
                "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed"),
                "blocks": ("remove", "blocks", "unit", "merge")}
 
@@ -396,8 +402,11 @@ def _run(args: argparse.Namespace) -> dict:
                 setattr(args, option, value)
         calib, evaluation = args.calib, None if args.no_eval else args.eval_data
         check_distinct({"input model": local_path(args.model), "calibration file": local_path(calib),
-                        "evaluation file": local_path(evaluation)}, {"output directory": out})
+                        "evaluation file": local_path(evaluation), "masks file": args.masks},
+                       {"output directory": out, "masks output": args.save_masks})
         check_output_dir(out, args.overwrite)
+        if args.save_masks is not None:
+            check_output(args.save_masks, args.overwrite)
         kind = _prune_object(args)
         weight_options = {option: getattr(args, option) for option in _WEIGHT_OPTIONS
                           if getattr(args, option) is not None}
@@ -407,9 +416,10 @@ def _run(args: argparse.Namespace) -> dict:
                 if not applies(args):
                     raise PrunekitError(f"--{option.replace('_', '-')} applies to {applies_to}, not to method "
                                         f"'{args.method}' with --allocation {args.allocation}")
-            if args.method == "given+admm":
-                raise PrunekitError("method 'given+admm' applies keep-masks, which only the Python API takes: "
-                                    "prunekit.prune(model, tokenizer, method='given+admm', masks=...)")
+            if (args.method == "given+admm") != (args.masks is not None):
+                raise PrunekitError("method 'given+admm' applies the keep-masks of --masks FILE (written by "
+                                    "--save-masks or prunekit.save_masks)" if args.masks is None else
+                                    f"--masks applies to method 'given+admm'; '{args.method}' chooses its own")
             method_spec, _ = api.check_prune_options(args.method, args.sparsity, args.pattern, args.allocation,
                                                      args.blocksize, args.damping, **weight_options)
             if args.offload:
@@ -436,6 +446,7 @@ def _run(args: argparse.Namespace) -> dict:
             raise PrunekitError("--allocation applies to weights and structures, not to blocks")
         api.check_lengths(args.model, calibration_seq_len=args.calib_seq_len,
                           eval_seq_len=None if evaluation is None else args.eval_seq_len)
+        given_masks = api.load_masks(args.masks) if args.masks is not None else None
         if args.offload:
             model, tokenizer = api.load_offloaded(args.model)
             loaded = argparse.Namespace(model=model, tokenizer=tokenizer)
@@ -456,12 +467,21 @@ def _run(args: argparse.Namespace) -> dict:
                                      remove=args.remove, unit=args.unit or "block", merge=bool(args.merge),
                                      **common)
         else:
-            record = api.prune(
+            result = api.prune(
                 loaded.model, loaded.tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                 allocation=args.allocation, owl_threshold=args.owl_threshold, owl_limit=args.owl_limit,
-                blocksize=args.blocksize, damping=args.damping, device=args.device, **weight_options, **common)
-        api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
+                blocksize=args.blocksize, damping=args.damping, device=args.device, masks=given_masks,
+                return_masks=args.save_masks is not None, **weight_options, **common)
+            record, chosen = result if args.save_masks is not None else (result, None)
+            if given_masks is not None:
+                record["method"]["masks_file"] = args.masks
+        with Staging(overwrite=args.overwrite) as stage:  # the model and its masks appear together or not at all
+            if args.save_masks is not None:
+                api.save_masks(chosen, stage.path(args.save_masks))
+            api.save(loaded.model, loaded.tokenizer, stage.path(out), record, overwrite=args.overwrite)
         record["output"] = str(out)
+        if args.save_masks is not None:
+            record["output_masks"] = str(args.save_masks)
         return record
     if args.tokens is not None:
         from prunekit.tokens import evaluate_tokens
@@ -552,6 +572,8 @@ def _summary(record: dict) -> str:
                          f"{evaluation['seq_len']} tokens of {evaluation['source']})")
         if "output" in record:
             lines.append(f"saved      {record['output']}")
+        if "output_masks" in record:
+            lines.append(f"masks      {record['output_masks']}")
     else:
         lines.append(f"perplexity {metrics['perplexity']:.2f} ({metrics['windows']} windows × {metrics['seq_len']} "
                      f"tokens of {record['evaluation']['source']}), sparsity {metrics['sparsity']:.4f}")

@@ -8,5 +8,6 @@ the `prunekit.json` record, written atomically.
 from prunekit._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(
-    "prunekit.artifacts", {"prunekit.artifacts.io": "MANIFEST atomic_directory load_pruned save_pruned",
-                           "prunekit.artifacts.modules": "load_module save_module"})
+    "prunekit.artifacts",
+    {"prunekit.artifacts.io": "MANIFEST atomic_directory load_masks load_pruned save_masks save_pruned",
+     "prunekit.artifacts.modules": "load_module save_module"})

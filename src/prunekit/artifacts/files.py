@@ -10,6 +10,7 @@ Everything here is light (standard library only), so the command line can run th
 - `check_safetensors` validates a safetensors file's header against the file before any library parses it;
   `refuse_pickled_weights` refuses a model directory whose weights exist only in a pickle format.
 - `read_bounded_text` reads a small configuration file (recipe, manifest) with a size limit.
+- `Staging` writes several outputs (files or directories) so that all of them appear or none does.
 """
 
 from __future__ import annotations
@@ -201,3 +202,63 @@ def read_bounded_text(path: PathLike, *, limit: int, what: str) -> str:
     except UnicodeDecodeError as error:
         raise PrunekitError(f"{what} '{path}' is not UTF-8 text (byte {error.start}); give a text file") from None
 
+
+def check_output(path: PathLike, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that exists (unless `overwrite`) or whose parent is a file."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise PrunekitError(f"output '{path}' exists; pass --overwrite to replace it")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrunekitError(f"output '{path}' is inside '{parent}', which is a file")
+            break
+    return path
+
+
+class Staging:
+    """Write several outputs so that all appear together or none do.
+
+    ```
+    with Staging(overwrite=False) as stage:
+        write_table(kept, stage.path("kept.jsonl"))     # a hidden temporary path beside the target
+        write_scores(stage.path("scores.parquet"), ...)
+    ```
+    On success every temporary is renamed into place (`os.replace`, atomic per file); on error they are deleted.
+    """
+
+    def __init__(self, *, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, target: PathLike) -> Path:
+        """A temporary path for `target`; refuses an existing target unless overwrite."""
+        clean_stale_siblings(target)
+        target = check_output(target, self.overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(target, "tmp")
+        self._pending.append((tmp, target))
+        return tmp
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc_type is None:
+                for _, target in self._pending:  # something may have appeared meanwhile
+                    check_output(target, self.overwrite)
+                for tmp, target in self._pending:
+                    if target.is_dir():
+                        old = temp_sibling(target, "old")
+                        target.rename(old)
+                        os.replace(tmp, target)
+                        shutil.rmtree(old)
+                    else:
+                        os.replace(tmp, target)
+        finally:
+            for tmp, _ in self._pending:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif tmp.exists():
+                    tmp.unlink()

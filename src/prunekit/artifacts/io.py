@@ -10,16 +10,18 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prunekit.artifacts.files import (
+    Staging,
     check_output_dir,
+    check_safetensors,
     clean_stale_siblings,
     read_bounded_text,
     refuse_pickled_weights,
@@ -205,3 +207,44 @@ def load_pruned(
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer, record
+
+
+# ---- keep-masks ----------------------------------------------------------------------------------------------
+
+MASKS_KIND = "prunekit keep-masks"
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write keep-masks {parameter name: bool tensor, True = kept} as one safetensors file, atomically.
+
+    The file is what `prune(..., return_masks=True)` returns and what `given+admm` (`masks=`) and `heal` (`masks=`)
+    take; `load_masks` reads it back. An existing file is refused unless `overwrite`."""
+    tensors = {}
+    for name, keep in masks.items():
+        if not isinstance(name, str) or not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            got = keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise PrunekitError(f"keep-mask '{name}' must be a bool tensor under a parameter name, got {got}")
+        tensors[name] = keep.detach().cpu().contiguous()
+    if not tensors:
+        raise PrunekitError("no keep-masks to save")
+    with Staging(overwrite=overwrite) as stage:
+        save_file(tensors, stage.path(path), metadata={"format": "pt", "kind": MASKS_KIND})
+    return Path(path)
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Keep-masks {parameter name: bool tensor} from a safetensors file of bool tensors (`save_masks` writes one).
+
+    The header is checked before anything is read; a tensor of any other dtype is refused in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"masks file '{path}' does not exist" if not path.exists() else
+                            f"masks path '{path}' is not a file; pass the .safetensors file save_masks wrote")
+    header, _ = check_safetensors(path)
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    if not tensors:
+        raise PrunekitError(f"masks file '{path}' holds no tensors")
+    for name, entry in tensors.items():
+        if entry.get("dtype") != "BOOL":
+            raise PrunekitError(f"masks file '{path}': '{name}' is {entry.get('dtype')}, not a bool keep-mask")
+    return load_file(path)

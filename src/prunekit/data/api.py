@@ -29,13 +29,11 @@ import pyarrow.parquet
 import torch
 from torch import nn
 
-from prunekit.artifacts.files import check_distinct
+from prunekit.artifacts.files import Staging, check_distinct, check_output
 from prunekit.data import dynamics, selectors
 from prunekit.data.io import (
     ArrayStore,
     DataTable,
-    Staging,
-    check_output,
     output_format,
     read_data,
     scores_table,

@@ -13,7 +13,8 @@ else its row index. Ids must be unique.
 
 Outputs are atomic: a file is written to a hidden temporary file in the target's directory and renamed into place
 with `os.replace`; a directory (Hugging Face) goes through `prunekit.artifacts.atomic_directory`. An existing output
-is refused unless `overwrite`. `Staging` writes several outputs so that either all of them appear or none.
+is refused unless `overwrite`. `Staging` (`prunekit.artifacts.files`) writes several outputs so that either all of
+them appear or none.
 
 `ArrayStore` keeps large arrays (embeddings, scores) as memory-mapped `.npy` files in a work directory, so that a
 million 384-dimensional float32 embeddings (1.5 GB) need not be held in anonymous memory.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet
 
-from prunekit.artifacts.files import clean_stale_siblings, temp_sibling
+from prunekit.artifacts.files import Staging
 from prunekit.errors import PrunekitError
 
 FILE_FORMATS = {
@@ -466,67 +466,6 @@ def read_data(
 
 
 # Writing.
-
-
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse, before any work, an output that exists (unless `overwrite`) or whose parent is a file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise PrunekitError(f"output '{path}' exists; pass --overwrite to replace it")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise PrunekitError(f"output '{path}' is inside '{parent}', which is a file")
-            break
-    return path
-
-
-class Staging:
-    """Write several outputs so that all appear together or none do.
-
-    ```
-    with Staging(overwrite=False) as stage:
-        write_table(kept, stage.path("kept.jsonl"))     # a hidden temporary path beside the target
-        write_scores(stage.path("scores.parquet"), ...)
-    ```
-    On success every temporary is renamed into place (`os.replace`, atomic per file); on error they are deleted.
-    """
-
-    def __init__(self, *, overwrite: bool = False) -> None:
-        self.overwrite = overwrite
-        self._pending: list[tuple[Path, Path]] = []
-
-    def path(self, target: str | os.PathLike) -> Path:
-        """A temporary path for `target`; refuses an existing target unless overwrite."""
-        clean_stale_siblings(target)
-        target = check_output(target, self.overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(target, "tmp")
-        self._pending.append((tmp, target))
-        return tmp
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        try:
-            if exc_type is None:
-                for _, target in self._pending:  # something may have appeared meanwhile
-                    check_output(target, self.overwrite)
-                for tmp, target in self._pending:
-                    if target.is_dir():
-                        old = temp_sibling(target, "old")
-                        target.rename(old)
-                        os.replace(tmp, target)
-                        shutil.rmtree(old)
-                    else:
-                        os.replace(tmp, target)
-        finally:
-            for tmp, _ in self._pending:
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                elif tmp.exists():
-                    tmp.unlink()
 
 
 def output_format(table: DataTable, path: str | os.PathLike) -> str:

@@ -51,6 +51,9 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="tokens per evaluation window (default 512); encoders: tokens per text (default 256)")
     p.add_argument("--eval-windows", type=count(0), default=None,
                    help="evaluation windows (0 = all; default 64); encoders: held-out texts embedded (default 200)")
+    p.add_argument("--masks", default=None, metavar="FILE",
+                   help="keep-masks to hold (a safetensors file of bool tensors, as prunekit prune --save-masks "
+                        "writes; default: the exact zeros of the model's weights)")
     p.add_argument("--checkpoint-dir", default=None, help="save resumable checkpoints here")
     p.add_argument("--checkpoint-every", type=count(1), default=None, help="steps between checkpoints (default: end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> dict:
     """Check everything, load the model (and teacher), heal, save atomically; returns the result record."""
     out = Path(args.out)
     check_distinct({"input model": local_path(args.model), "teacher": local_path(args.teacher),
-                    "training text": local_path(args.data), "evaluation text": local_path(args.eval_data)},
+                    "training text": local_path(args.data), "evaluation text": local_path(args.eval_data),
+                    "masks file": args.masks},
                    {"output directory": out, "checkpoint directory": args.checkpoint_dir})
     check_output_dir(out, args.overwrite)
     if (args.distill is None) != (args.teacher is None):
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     api.check_lengths(args.model, calibration_seq_len=args.seq_len, eval_seq_len=args.eval_seq_len)
+    masks = api.load_masks(args.masks) if args.masks is not None else None
     load = load_encoder if encoder else load_causal_lm
     loaded = load(args.model)
     manifest = None
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         teacher = load(args.teacher).model
         if args.distill.endswith("+hidden"):
             layer_map = _layer_map(manifest, teacher.config.num_hidden_layers)
-    record = heal(loaded.model, loaded.tokenizer, method=args.method, tokens=args.tokens, data=args.data,
+    record = heal(loaded.model, loaded.tokenizer, method=args.method, tokens=args.tokens, data=args.data, masks=masks,
                   eval_data=args.eval_data, seq_len=args.seq_len, batch_size=args.batch_size,
                   accumulation=args.accumulation, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                   seed=args.seed, lora_rank=args.rank, lora_alpha=args.alpha, perp_head=args.perp_head,
@@ -138,6 +143,8 @@ def run(args: argparse.Namespace) -> dict:
                   progress=progress, model_source=args.model)
     if manifest is not None:
         record["pruning"] = manifest.get("method")
+    if masks is not None:
+        record["method"]["masks_file"] = args.masks
     api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
     record["output"] = str(out)
     return record
