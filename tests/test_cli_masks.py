@@ -110,6 +110,20 @@ def test_given_admm_from_a_masks_file_reproduces_wanda_admm(tiny_dir, tmp_path, 
     assert record["metrics"]["sparsity"]["achieved"] == first["metrics"]["sparsity"]["achieved"] > 0.59
 
 
+def test_offloaded_masks_and_given_admm_equal_the_in_memory_ones(tiny_dir, tmp_path):
+    in_memory, offloaded = tmp_path / "mem.safetensors", tmp_path / "off.safetensors"
+    assert _prune(tiny_dir, tmp_path / "a", "--method", "sparsegpt", "--sparsity", "0.5", "--save-masks",
+                  str(in_memory)) == 0
+    assert _prune(tiny_dir, tmp_path / "b", "--method", "sparsegpt", "--sparsity", "0.5", "--offload",
+                  "--save-masks", str(offloaded)) == 0
+    first, second = prunekit.load_masks(in_memory), prunekit.load_masks(offloaded)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert _prune(tiny_dir, tmp_path / "c", "--method", "given+admm", "--masks", str(in_memory)) == 0
+    assert _prune(tiny_dir, tmp_path / "d", "--method", "given+admm", "--masks", str(in_memory), "--offload") == 0
+    memory, offload = _targets(tmp_path / "c"), _targets(tmp_path / "d")
+    assert all(torch.equal(offload[name], weight) for name, weight in memory.items())
+
+
 def test_heal_holds_the_masks_of_a_file_not_the_zeros(tiny_dir, tmp_path, capsys):
     """Masks that keep all of block 0: healing frees its zeros (LoRA's merge moves them) and holds block 1's."""
     pruned = tmp_path / "pruned"
