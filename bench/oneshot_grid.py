@@ -7,11 +7,14 @@ pruning time is a ratio to one dense forward over the calibration set timed in t
 
     nice -n 10 .venv/bin/python bench/oneshot_grid.py              # resumes; the whole grid is about 130 runs
     .venv/bin/python bench/oneshot_grid.py --only admm:uniform:0.7 sparsegpt:owl:0.7
+    nice -n 10 .venv/bin/python bench/oneshot_grid.py --model gemma3-270m   # the best two methods on Gemma 3
     .venv/bin/python bench/oneshot_grid.py --table
 
 Runs go in the order that decides the issue's targets first (the best methods at 50%, 2:4 and 70%), then the rest of
 the grid. Rows are appended to bench/results/oneshot_grid.jsonl as they finish; the table and plot go to
-bench/results/oneshot_grid.md/.png and BENCHMARKS.md.
+bench/results/oneshot_grid.md/.png and BENCHMARKS.md. With `--model gemma3-270m` the grid is ADMM and SparseGPT
+(the best two methods on SmolLM2) at 50%, 2:4 and 70%, uniform (any other configuration with --only), in
+bench/results/oneshot_grid_gemma3.*.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from tables import RESULTS, append_row, bench_parser, publish, read_rows, table_rows  # noqa: E402
 
-RAW = RESULTS / "oneshot_grid.jsonl"
-MODEL = "smollm2-135m"
 HEADING = "## One-shot pruning beyond SparseGPT (issue 11)"
+# model -> (results name, display name)
+MODELS = {"smollm2-135m": ("oneshot_grid", "SmolLM2-135M"), "gemma3-270m": ("oneshot_grid_gemma3", "Gemma-3-270M")}
 BUDGETS = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
 BASE = ("magnitude", "wanda", "ria", "sparsegpt", "admm")
 METHODS = BASE + ("pruner-zero",) + tuple(f"{m}+dsnot" for m in BASE)
@@ -39,22 +42,28 @@ FIRST = ["sparsegpt:uniform:0.7", "admm:uniform:0.5", "admm:uniform:2:4", "admm:
          "sparsegpt:owl:0.7", "sparsegpt:uniform:0.5", "sparsegpt:uniform:2:4"]
 
 
-def configs() -> list[str]:
+def configs(model: str) -> list[str]:
     """Every configuration as method:allocation:budget, the decisive ones first, then 70% (where OWL is meant to
-    help), then the other budgets."""
+    help), then the other budgets; for Gemma 3 the best two methods at the issue's three target budgets."""
+    if model != "smollm2-135m":
+        return [f"{m}:uniform:{b}" for b in ("0.5", "2:4", "0.7") for m in ("admm", "sparsegpt")]
     order = ("0.7", "0.5", "2:4", "0.8", "0.6", "4:8")
     grid = [f"{m}:{a}:{b}" for b in order for m in METHODS for a in ("uniform", "owl")]
     return FIRST + [c for c in grid if c not in FIRST]
 
 
+def _raw(model: str) -> Path:
+    return RESULTS / f"{MODELS[model][0]}.jsonl"
+
+
 def run(args: argparse.Namespace, wanted: list[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = {r["config"] for r in read_rows(RAW)}
+    done = {r["config"] for r in read_rows(_raw(args.model))}
     for config in ["dense", *wanted]:
         if config in done:
             continue
-        command = [sys.executable, str(Path(__file__).parent / "llm_oneshot.py"), "--one", config, "--model", MODEL,
-                   "--threads", str(args.threads), "--eval-windows", str(args.eval_windows)]
+        command = [sys.executable, str(Path(__file__).parent / "llm_oneshot.py"), "--one", config,
+                   "--model", args.model, "--threads", str(args.threads), "--eval-windows", str(args.eval_windows)]
         start = time.perf_counter()
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -69,7 +78,7 @@ def run(args: argparse.Namespace, wanted: list[str]) -> None:
             row |= {"perplexity": record["metrics"]["pruned"]["perplexity"], "prune_s": prune["wall_s"],
                     "peak_rss_mb": prune["peak_rss_mb"], "achieved": record["metrics"]["sparsity"]["achieved"],
                     "method": record["method"]}
-        append_row(RAW, row)
+        append_row(_raw(args.model), row)
         print(f"{config}: {row['perplexity']:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
 
@@ -87,7 +96,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     env = dense["environment"]
     measured = [b for b in BUDGETS if any(c.split(":", 2)[2:] == [b] for c in by_config)]
     lines = [
-        f"SmolLM2-135M (`{MODEL}`), dense perplexity {dense['perplexity']:.2f}. Calibration 32 × 512 tokens of the "
+        f"{MODELS[args.model][1]} (`{args.model}`), dense perplexity {dense['perplexity']:.2f}. Calibration 32 × 512 "
+        f"tokens of the "
         f"`wiki-summaries` train split (seed 0); perplexity on the first {args.eval_windows} non-overlapping "
         f"512-token windows of its held-out split. Each cell: perplexity, then pruning time as a multiple of one dense "
         f"forward over the calibration set timed in the same process, then peak resident memory while pruning (MB, "
@@ -95,7 +105,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}. †: timed while other "
         f"benchmarks shared the 2 cores (marked `shared_machine` in the JSON lines by hand), so that ratio says more "
         f"about the load than the method; the other rows ran alone. Empty cells are not measured yet. "
-        f"Regenerate: `.venv/bin/python bench/oneshot_grid.py`.", "",
+        f"Regenerate: `.venv/bin/python bench/oneshot_grid.py"
+        f"{'' if args.model == 'smollm2-135m' else ' --model ' + args.model}`.", "",
         "| method | " + " | ".join(_budget_label(b) for b in measured) + " |",
         "|---|" + "---:|" * len(measured),
     ]
@@ -113,7 +124,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    """Perplexity against sparsity, one curve per method with two or more sparsities; False (nothing written) when
+    no method has two yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,6 +135,7 @@ def plot(rows: list[dict], path: Path) -> None:
     dense = next(r for r in rows if r["config"] == "dense")
     fractions = [b for b in BUDGETS if ":" not in b]
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
     for method in METHODS:
         for allocation, style in (("uniform", "-"), ("owl", "--")):
             points = [(float(b), r["perplexity"]) for b in fractions for r in rows
@@ -129,33 +143,43 @@ def plot(rows: list[dict], path: Path) -> None:
             if len(points) > 1:
                 xs, ys = zip(*sorted(points), strict=True)
                 ax.plot(xs, ys, style, marker="o", label=method + (" + OWL" if allocation == "owl" else ""))
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
     ax.axhline(dense["perplexity"], color="black", linestyle=":", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("unstructured sparsity")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("SmolLM2-135M one-shot pruning, wiki-summaries held-out")
+    ax.set_title(f"{title} one-shot pruning, wiki-summaries held-out")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def write(args: argparse.Namespace) -> None:
-    rows = table_rows(RAW)
-    plot(rows, RESULTS / "oneshot_grid.png")
-    publish("oneshot_grid", table(rows, args), HEADING, "perplexity by sparsity")
+    name, title = MODELS[args.model]
+    rows = table_rows(_raw(args.model))
+    drawn = plot(rows, RESULTS / f"{name}.png", title)
+    publish(name, table(rows, args), HEADING, "perplexity by sparsity" if drawn else None)
 
 
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--only", nargs="*", help="configurations such as admm:uniform:0.7 or wanda+dsnot:owl:2:4")
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--model", choices=tuple(MODELS), default="smollm2-135m")
     args = parser.parse_args()
-    known = configs()
+    known = configs(args.model)
+    if args.model != "smollm2-135m":
+        known += [c for c in configs("smollm2-135m") if c not in known]  # reachable with --only
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}")
     if not args.table:
-        run(args, args.only or known)
+        run(args, args.only or configs(args.model))
     write(args)
 
 
