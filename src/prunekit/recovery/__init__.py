@@ -9,7 +9,7 @@ from prunekit._lazy import lazy_exports
 _MODULES = {
     "prunekit.recovery.api": "DEFAULT_LR check_heal_options heal",
     "prunekit.recovery.distill": "DISTILL_MODES distillation_loss embedding_distillation_loss layer_pairs",
-    "prunekit.recovery.loop": "Checkpointing LMHistory causal_lm_loss train_causal_lm warmup_cosine",
+    "prunekit.recovery.loop": "Checkpointing LMHistory causal_lm_loss train_on_windows warmup_cosine",
     "prunekit.recovery.methods": "HEAL_METHODS LORA_ROLES perp_parameters zero_masks",
 }
 __getattr__, __dir__, __all__ = lazy_exports("prunekit.recovery", _MODULES)

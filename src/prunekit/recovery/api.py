@@ -35,7 +35,7 @@ from prunekit.recovery.distill import (
     embedding_distillation_loss,
     layer_pairs,
 )
-from prunekit.recovery.loop import Checkpointing, causal_lm_loss, train_causal_lm
+from prunekit.recovery.loop import Checkpointing, causal_lm_loss, train_on_windows
 from prunekit.recovery.methods import (
     HEAL_METHODS,
     LORA_ROLES,
@@ -321,7 +321,7 @@ def heal(
                 if method == "full" and held:
                     held_masks = Masks(model, held)
                     held_masks.update(held)
-            history = train_causal_lm(
+            history = train_on_windows(
                 model, train_tokens.ids, trainable, steps=steps, batch_size=batch_size, accumulation=accumulation,
                 lr=lr, warmup=math.floor(warmup * steps), weight_decay=weight_decay, seed=seed, loss_fn=loss_fn,
                 masks=held_masks, checkpointing=checkpointing, device=compute, progress=progress, on_step=on_step,

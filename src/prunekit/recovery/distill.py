@@ -85,7 +85,7 @@ def _hidden_error(s_out, t_out, pairs: list[tuple[int, int]]) -> torch.Tensor:
 
 def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
                       pairs: list[tuple[int, int]] | None = None):
-    """A `loss_fn(model, ids)` for `train_causal_lm` that distills `teacher` (frozen, eval mode) into the model;
+    """A `loss_fn(model, ids)` for `train_on_windows` that distills `teacher` (frozen, eval mode) into the model;
     `pairs` (from `layer_pairs`) adds hidden-state matching."""
     hidden = pairs is not None
 
@@ -108,7 +108,7 @@ def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
 
 
 def embedding_distillation_loss(teacher: nn.Module, *, pairs: list[tuple[int, int]] | None = None):
-    """A `loss_fn(model, ids)` for `train_causal_lm` that distils an encoder `teacher` (frozen, eval mode) into the
+    """A `loss_fn(model, ids)` for `train_on_windows` that distils an encoder `teacher` (frozen, eval mode) into the
     model by the cosine of their sentence embeddings of each window; `pairs` (from `layer_pairs`) adds H."""
 
     def loss_fn(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""One training loop for causal LMs: a token budget, AdamW with warm-up and cosine decay, gradient accumulation,
-masks held after every optimizer step, and checkpoints that resume to the same weights.
+"""One training loop on token windows, for causal LMs (next-token loss, the default) and encoders (any `loss_fn`, such
+as embedding distillation): a token budget, AdamW with warm-up and cosine decay, gradient accumulation, masks held
+after every optimizer step, and checkpoints that resume to the same weights.
 
 ```
-history = train_causal_lm(model, windows, parameters, steps=100, batch_size=8, accumulation=2, lr=2e-4)
+history = train_on_windows(model, windows, parameters, steps=100, batch_size=8, accumulation=2, lr=2e-4)
 history.losses[-1], history.tokens
 ```
 
@@ -75,7 +76,7 @@ class Checkpointing:
 
 @dataclass
 class LMHistory:
-    """What `train_causal_lm` did: mean loss of each optimizer step (all of them, also those before a resume),
+    """What `train_on_windows` did: mean loss of each optimizer step (all of them, also those before a resume),
     steps and tokens trained, the step it resumed from, and the wall time of this call."""
 
     losses: list[float] = field(default_factory=list)
@@ -160,7 +161,7 @@ def load_checkpoint(checkpointing: Checkpointing, parameters: Sequence[tuple[str
     return state["step"], [float(x) for x in state.get("losses", [])]
 
 
-def train_causal_lm(
+def train_on_windows(
     model: nn.Module,
     windows: torch.Tensor,
     parameters: Sequence[tuple[str, nn.Parameter]],
