@@ -1,12 +1,14 @@
-"""Benchmark: pruning SmolLM2-135M with its blocks offloaded to disk (issue 11), against the in-memory engine.
+"""Benchmark: pruning SmolLM2-135M or Gemma-3-270M with its blocks offloaded to disk (issue 11), against the
+in-memory engine.
 
 Each row is a fresh process that imports prunekit, resets the kernel's peak-resident-memory mark
 (`/proc/self/clear_refs`), then loads the model (in memory with `load_causal_lm`, or offloaded with
-`prunekit.load_offloaded`: blocks stay in the safetensors file), prunes it with the one-shot protocol (32 x 512
-calibration tokens of the `wiki-summaries` train split, seed 0; no evaluation inside the run, whose 49k-word logits
-would dominate the memory) and saves it. Reported: the peak resident memory of the whole process (VmHWM) and its
-peak above the memory right after the imports, the wall time, and the SHA-256 of the pruned weights, which must be
-equal in both engines.
+`prunekit.load_offloaded`: blocks stay in the safetensors file, the embedding is mapped from it), prunes it with the
+one-shot protocol (32 x 512 calibration tokens of the `wiki-summaries` train split, seed 0; no evaluation inside the
+run, whose logits over the vocabulary would dominate the memory) and saves it. Reported: the peak resident memory of
+the whole process (VmHWM, file pages included) and its peak above the memory right after the imports, the peak of its
+anonymous memory (RssAnon sampled every 50 ms: what the kernel cannot reclaim without swap), the wall time, and the
+SHA-256 of the pruned weights, which must be equal in both engines.
 
 The pruned models are then evaluated (perplexity on the first 64 non-overlapping 512-token windows of the held-out
 split) in the parent process.
@@ -19,10 +21,12 @@ uncapped run's.
 
     .venv/bin/python bench/offload.py
     .venv/bin/python bench/offload.py --cap-mb 850 --batch-size 2
+    .venv/bin/python bench/offload.py --model gemma3-270m --methods wanda
+    .venv/bin/python bench/offload.py --model gemma3-270m --cap-mb 1000 --batch-size 2
     .venv/bin/python bench/offload.py --table
 
-Rows go to bench/results/offload_smollm2.jsonl (a cut run resumes), the table to bench/results/offload_smollm2.md
-and BENCHMARKS.md.
+Rows go to bench/results/offload_<model>.jsonl (`offload_smollm2`, `offload_gemma3`; a cut run resumes), the table
+to bench/results/offload_<model>.md and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,16 +38,21 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tables import RESULTS, append_row, bench_parser, publish, read_rows, table_rows  # noqa: E402
 
-RAW = RESULTS / "offload_smollm2.jsonl"
-MODEL = "smollm2-135m"
+# model -> (results name, display name, dense perplexity under this protocol, from the one-shot tables)
+MODELS = {"smollm2-135m": ("offload_smollm2", "SmolLM2-135M", 15.17),
+          "gemma3-270m": ("offload_gemma3", "Gemma-3-270M", 30.14)}
 SEQ_LEN = 512
 ENGINES = ("in-memory", "offloaded")
-RUNS = [("in-memory", "wanda"), ("offloaded", "wanda"), ("in-memory", "sparsegpt"), ("offloaded", "sparsegpt")]
+
+
+def _raw(model: str) -> Path:
+    return RESULTS / f"{MODELS[model][0]}.jsonl"
 
 
 def _status(key: str) -> float:
@@ -109,20 +118,28 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak mark now restarts from the current memory
+    anonymous = [_status("RssAnon")]
+
+    def sample() -> None:
+        while True:
+            anonymous.append(_status("RssAnon"))
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
     row = {"engine": args.engine, "method": args.method, "baseline_mb": baseline, "batch_size": args.batch_size}
     if args.engine == "offloaded":
-        model, tokenizer = prunekit.load_offloaded(MODEL)
+        model, tokenizer = prunekit.load_offloaded(args.model)
     else:
-        loaded = load_causal_lm(MODEL)
+        loaded = load_causal_lm(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer
     record = prunekit.prune(model, tokenizer, method=args.method, sparsity=0.5, calibration="wiki-summaries",
                             calibration_samples=32, calibration_seq_len=SEQ_LEN, seed=0, batch_size=args.batch_size,
-                            progress=False, model_source=MODEL)
+                            progress=False, model_source=args.model)
     prunekit.save(model, tokenizer, args.out, record)
     row.update(ok=True, pruned_sha256=record["metrics"]["pruned_weights_sha256"],
                sparsity=record["metrics"]["sparsity"]["achieved"], calibration=record["calibration"])
-    row.update(wall_s=time.perf_counter() - start, peak_mb=_status("VmHWM"))
+    row.update(wall_s=time.perf_counter() - start, peak_mb=_status("VmHWM"), anon_peak_mb=max(anonymous))
     row["peak_above_baseline_mb"] = row["peak_mb"] - baseline
     print(json.dumps(row))
 
@@ -134,17 +151,19 @@ def run(args: argparse.Namespace) -> None:
     from prunekit.corpus import evaluation_windows
     from prunekit.measure import environment, perplexity
 
-    done = {(r["engine"], r["method"], r.get("cap_mb"), r.get("batch_size", 8)) for r in read_rows(RAW)}
+    done = {(r["engine"], r["method"], r.get("cap_mb"), r.get("batch_size", 8)) for r in read_rows(_raw(args.model))}
     torch.set_num_threads(args.threads)
     windows = None
-    runs = [(e, m, None) for e, m in RUNS] if args.cap_mb is None else [(e, "wanda", args.cap_mb) for e in ENGINES]
+    runs = ([(e, m, None) for m in args.methods for e in ENGINES] if args.cap_mb is None else
+            [(e, "wanda", args.cap_mb) for e in ENGINES])
     for engine, method, cap_mb in runs:
         if (engine, method, cap_mb, args.batch_size) in done:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "pruned"
-            command = [sys.executable, __file__, "--child", "--engine", engine, "--method", method,
-                       "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--out", str(out)]
+            command = [sys.executable, __file__, "--child", "--model", args.model, "--engine", engine,
+                       "--method", method, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+                       "--out", str(out)]
             cap = MemoryCap(cap_mb) if cap_mb is not None else None
             try:
                 result = subprocess.run(command, capture_output=True, text=True, check=False,
@@ -167,38 +186,68 @@ def run(args: argparse.Namespace) -> None:
                 row["perplexity"] = perplexity(loaded.model, windows.ids, progress=False)["perplexity"]
                 row["evaluation"] = windows.info
         row["environment"] = environment()
-        append_row(RAW, row)
+        append_row(_raw(args.model), row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("environment", "calibration")}), file=sys.stderr)
+
+
+def _facts(model: str) -> dict:
+    """Sizes from the model's files and config: float32 weight bytes, blocks, one block's bytes, hidden width."""
+    import json as json_
+
+    from prunekit.artifacts.files import check_safetensors
+    from prunekit.assets import model_path
+
+    path = model_path(model)
+    config = json_.loads((path / "config.json").read_text())
+    config = config.get("text_config", config)
+    sizes = {}
+    for file in path.glob("*.safetensors"):
+        header, _ = check_safetensors(file)
+        sizes |= {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()
+                  if name != "__metadata__"}
+    blocks = config["num_hidden_layers"]
+    return {"mb": sum(sizes.values()) / 1e6, "blocks": blocks, "hidden": config["hidden_size"],
+            "block_mb": sum(v for k, v in sizes.items() if ".layers." in k) / blocks / 1e6}
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     env = rows[0]["environment"]
-    lines = [f"SmolLM2-135M (`{MODEL}`, 538 MB of float32 weights, 30 blocks of 14 MB), 50% unstructured, one-shot "
-             f"protocol (32 × {SEQ_LEN} calibration tokens of `wiki-summaries`, seed 0; calibration activations "
-             f"32 × {SEQ_LEN} × 576 × 4 B = 38 MB), load + prune + save in a fresh process per row. Peak = the "
-             f"kernel's resident high-water mark (VmHWM) of the process; above imports = minus the resident memory "
-             f"right after `import prunekit, torch` (the mark is reset there). The in-memory peak includes the "
-             f"model file's pages that `from_pretrained` maps (resident, but reclaimable); the offloaded engine reads "
-             f"each tensor's bytes and maps nothing. Perplexity of the saved model on 64 non-overlapping {SEQ_LEN}-"
-             f"token held-out windows (dense 15.17). Wall seconds on a machine shared with other benchmarks. "
+    _, title, dense = MODELS[args.model]
+    facts = _facts(args.model)
+    activations = 32 * SEQ_LEN * facts["hidden"] * 4 / 1e6
+    lines = [f"{title} (`{args.model}`, {facts['mb']:.0f} MB of float32 weights, {facts['blocks']} blocks of "
+             f"{facts['block_mb']:.0f} MB), 50% unstructured, one-shot protocol (32 × {SEQ_LEN} calibration tokens of "
+             f"`wiki-summaries`, seed 0; calibration activations 32 × {SEQ_LEN} × {facts['hidden']} × 4 B = "
+             f"{activations:.0f} MB), load + prune + save in a fresh process per row. Peak = the kernel's resident "
+             f"high-water mark (VmHWM) of the process, file pages included; above imports = minus the resident memory "
+             f"right after `import prunekit, torch` (the mark is reset there); anonymous = the largest RssAnon sampled "
+             f"every 50 ms, the memory the kernel cannot reclaim without swap (— for rows measured before it was "
+             f"sampled). The in-memory peak includes the model file's pages that `from_pretrained` maps; the offloaded "
+             f"engine reads one block at a time and maps the embedding from the file (only touched pages become "
+             f"resident, as reclaimable file cache). Perplexity of the saved model on 64 non-overlapping "
+             f"{SEQ_LEN}-token held-out windows (dense {dense:.2f}). Wall seconds on a machine shared with other "
+             f"benchmarks. "
              f"{args.threads} threads on {platform.processor() or platform.machine()} ({env['cpu_count']} cores), "
-             f"torch {env['torch']}, "
-             f"transformers {env['transformers']}. Regenerate: "
-             f"`.venv/bin/python bench/offload.py`.", "",
-             "| engine | method | peak MB | above imports MB | wall s | perplexity | pruned weights SHA-256 |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             f"torch {env['torch']}, transformers {env['transformers']}. Regenerate: "
+             f"`.venv/bin/python bench/offload.py{'' if args.model == 'smollm2-135m' else ' --model ' + args.model}`.",
+             "",
+             "| engine | method | peak MB | above imports MB | anonymous MB | wall s | perplexity | pruned weights "
+             "SHA-256 |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in (r for r in rows if r.get("cap_mb") is None):
         lines.append(f"| {r['engine']} | {r['method']} | {r['peak_mb']:.0f} | {r['peak_above_baseline_mb']:.0f} | "
-                     f"{r['wall_s']:.0f} | {r['perplexity']:.2f} | `{r['pruned_sha256'][:12]}` |")
+                     f"{_mb(r.get('anon_peak_mb'))} | {r['wall_s']:.0f} | {r['perplexity']:.2f} | "
+                     f"`{r['pruned_sha256'][:12]}` |")
     capped = [r for r in rows if r.get("cap_mb") is not None]
     if capped:
         uncapped = {(r["engine"], r["method"]): r["pruned_sha256"] for r in rows if r.get("cap_mb") is None}
         lines += ["", "Under a memory cap: the child in a fresh memory cgroup with that hard limit (no swap on this "
                   "machine). Cgroup peak: its high-water usage, page cache included (reclaimed under the limit); "
-                  "process peak: VmHWM, as above. Same weights: the pruned weights hash as the uncapped run's.", "",
+                  "process peak: VmHWM, and anonymous peak, as above. Same weights: the pruned weights hash as the "
+                  "uncapped run's.", "",
                   "| engine | method | calibration batch | cap MB | outcome | cgroup peak MB | process peak MB "
-                  "| wall s | same weights |",
-                  "|---|---|---:|---:|---|---:|---:|---:|---|"]
+                  "| anonymous MB | wall s | same weights |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
         for r in capped:
             outcome = ("finished" if r["ok"] else
                        f"killed by the OOM killer (exit {r['returncode']})" if r["oom_kills"] else
@@ -209,18 +258,26 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             wall = f"{r['wall_s']:.0f}" if r["ok"] else "—"
             cgroup = f"{r['cgroup_peak_mb']:.0f}" if r.get("cgroup_peak_mb") is not None else "—"
             lines.append(f"| {r['engine']} | {r['method']} | {r['batch_size']} | {r['cap_mb']} | {outcome} | {cgroup} "
-                         f"| {peak} | {wall} | {same} |")
+                         f"| {peak} | {_mb(r.get('anon_peak_mb'))} | {wall} | {same} |")
     return "\n".join(lines)
 
 
+def _mb(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
 def write(args: argparse.Namespace) -> None:
-    publish("offload_smollm2", table(table_rows(RAW), args), "## One-shot pruning beyond SparseGPT (issue 11)")
+    publish(MODELS[args.model][0], table(table_rows(_raw(args.model)), args),
+            "## One-shot pruning beyond SparseGPT (issue 11)")
 
 
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--cap-mb", type=int, help="run Wanda with both engines under this memory cap (a cgroup)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size of the runs")
+    parser.add_argument("--model", choices=tuple(MODELS), default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", choices=("wanda", "sparsegpt"), default=["wanda", "sparsegpt"],
+                        help="methods of the uncapped runs (a capped run is Wanda)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=("in-memory", "offloaded"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)

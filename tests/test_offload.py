@@ -6,6 +6,8 @@ The offloaded engine must give bit-identical pruned weights to the in-memory eng
 
 import gc
 import hashlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import prunekit
 from prunekit.errors import PrunekitError
 from prunekit.measure import perplexity
 from prunekit.measure.protocol import weights_sha256
+from prunekit.weights import offload
 from prunekit.weights.engine import block_weights
 from tiny_models import FAMILIES, WINDOW, tiny_causal_lm
 
@@ -36,8 +39,17 @@ def file_hashes(path):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
 
 
+@pytest.fixture(params=["read", "mapped"])
+def outside(request, monkeypatch):
+    """Run a test twice: the tensors outside the blocks read into memory, and (threshold 0) all of them that are
+    stored in the model's dtype mapped from the file, as a large embedding is."""
+    if request.param == "mapped":
+        monkeypatch.setattr(offload, "MAP_MIN_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(("family", "tie"), [(f, False) for f in FAMILIES] + [("llama", True)])
-def test_offloaded_model_computes_and_hashes_like_the_loaded_one(tmp_path, family, tie):
+def test_offloaded_model_computes_and_hashes_like_the_loaded_one(tmp_path, family, tie, outside):
     model, path = saved(tmp_path, family, tie=tie)
     offloaded, tokenizer = prunekit.load_offloaded(path)
     assert tokenizer is None and block_weights(offloaded).offloaded
@@ -55,7 +67,7 @@ def test_offloaded_model_computes_and_hashes_like_the_loaded_one(tmp_path, famil
     ("sparsegpt", dict(pattern="2:4")),
     ("wanda", dict(sparsity=0.6, allocation="owl", owl_threshold=2.0)),
 ])
-def test_offloaded_pruning_is_bit_identical_to_in_memory(tmp_path, family, method, options):
+def test_offloaded_pruning_is_bit_identical_to_in_memory(tmp_path, family, method, options, outside):
     model, path = saved(tmp_path, family)
     before = file_hashes(path)
     run = dict(method=method, calibration=calibration(), batch_size=4, progress=False, blocksize=16, **options)
@@ -71,6 +83,30 @@ def test_offloaded_pruning_is_bit_identical_to_in_memory(tmp_path, family, metho
     again, _, manifest = prunekit.load(out)
     assert weights_sha256(again) == record["metrics"]["pruned_weights_sha256"] == manifest["metrics"][
         "pruned_weights_sha256"]
+
+
+def _anon_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("RssAnon:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads Linux's /proc")
+def test_a_large_embedding_is_mapped_not_held_and_writes_never_reach_the_file(tmp_path):
+    tiny_causal_lm("llama", vocab=131072, layers=2).save_pretrained(tmp_path / "big")  # 32 MB embedding, 32 MB head
+    before = file_hashes(tmp_path / "big")
+    gc.collect()
+    start = _anon_mb()
+    offloaded, _ = prunekit.load_offloaded(tmp_path / "big")
+    held = _anon_mb() - start
+    assert held < 16, held  # measured: about 1 MB for the 64 MB of embedding and head (all of it when read)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "big")
+    weight = offloaded.get_input_embeddings().weight
+    assert torch.equal(weight, reference.get_input_embeddings().weight)
+    assert torch.equal(offloaded.lm_head.weight, reference.lm_head.weight)
+    with torch.no_grad():
+        weight[:10].add_(1.0)  # the written pages become private copies; the file stays as it was
+    assert torch.equal(weight[:10], reference.get_input_embeddings().weight[:10] + 1.0)
+    assert file_hashes(tmp_path / "big") == before
 
 
 def test_offloaded_prune_and_evaluate_read_each_block_once_per_pass(tmp_path, monkeypatch):

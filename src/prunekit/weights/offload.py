@@ -1,16 +1,17 @@
 """Pruning a model larger than memory: its blocks stay in files, and the engine loads one block at a time.
 
 `load_offloaded(path)` builds the model with every block's tensors on the meta device (no memory) and loads only
-what lies outside the blocks (embeddings, final norm, head, rotary tables). The sequential engine asks the model's
-`BlockWeights` for each block as it reaches it (`prunekit.weights.engine`): here, `enter` reads the block from its
-safetensors file onto the compute device, and `leave` drops it again, first writing it to a work folder if it was
-pruned; from then on the block is read from there. `prunekit.save` then assembles a standard sharded Hugging Face
-directory, one block at a time. So pruning needs memory for one block, the calibration activations and the parts
-outside the blocks, never for the whole model; the input directory is only read.
+what lies outside the blocks (embeddings, final norm, head, rotary tables); a large one stored in the model's dtype
+(the embedding) is mapped from its file copy-on-write, so that only the pages of the rows used become resident. The
+sequential engine asks the model's `BlockWeights` for each block as it reaches it (`prunekit.weights.engine`): here,
+`enter` reads the block from its safetensors file onto the compute device, and `leave` drops it again, first writing
+it to a work folder if it was pruned; from then on the block is read from there. `prunekit.save` then assembles a
+standard sharded Hugging Face directory, one block at a time. So pruning needs memory for one block, the calibration
+activations and the parts outside the blocks, never for the whole model; the input directory is only read.
 
-Everything that reads a whole model goes through the same files one block at a time: perplexity (block by block,
-as on another device), the weight hash and the parameter counts of the record (`weights.engine.state_items`).
-What needs every block at once is refused: the `global`/`lamp`/`ecoflap` allocations and Pruner-Zero's gradients.
+Everything that reads a whole model goes through the same files one block at a time: perplexity (block by block, as
+on another device), the weight hash and the parameter counts of the record (`weights.engine.state_items`). What
+needs every block at once is refused: the `global`/`lamp`/`ecoflap` allocations and Pruner-Zero's gradients.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -115,6 +117,37 @@ def _read(files: dict[str, tuple[Path, str]], names: list[str]) -> dict[str, tor
                 tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
                 tensors[name] = tensor.reshape(shape)
     return tensors
+
+
+# Tensors outside the blocks at least this large (a 262k-word embedding is 671 MB in float32) are mapped from their
+# file rather than read, when stored in the model's dtype.
+MAP_MIN_BYTES = 16 * 2**20
+
+
+def _map(files: dict[str, tuple[Path, str]], wanted: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The large tensors of `wanted` (name -> the model's dtype) stored in that dtype, mapped copy-on-write from their
+    files: a page is read when first touched and, unmodified, stays file cache that the kernel can reclaim; a write
+    goes to a private copy, never to the file. Pruning touches only the embedding rows of the calibration tokens,
+    so a model's embedding costs it almost no memory. A tensor that cannot be mapped (a cap on private mappings,
+    RLIMIT_DATA) is left out, to be read instead."""
+    mapped = {}
+    for name, dtype in wanted.items():
+        file, stored = files[name]
+        header, start = check_safetensors(file)
+        entry = header[stored]
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        if _DTYPES.get(entry.get("dtype")) != dtype or end - begin < MAP_MIN_BYTES:
+            continue
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            with file.open("rb") as handle:
+                mapping = mmap.mmap(handle.fileno(), end - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+        except (OSError, ValueError):
+            continue
+        # the tensor holds the mapping; it is unmapped with the last tensor that uses it
+        mapped[name] = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                        offset=begin - aligned).reshape(entry["shape"])
+    return mapped
 
 
 def _non_persistent_buffers(module: nn.Module) -> list[str]:
@@ -218,15 +251,19 @@ def load_offloaded(source: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         raise PrunekitError(f"'{path}' has no tensor '{missing[0]}'; offloaded loading needs the tensor names of the "
                             "model's state dict, as save_pretrained writes them")
 
+    outside = [name for name in state if not name.startswith(prefix) and name in files]
+    mapped = _map(files, {name: state[name].dtype for name in outside})
     inside = {id(m) for m in blocks.modules()}
     for module in model.modules():
         if id(module) not in inside:
             module.to_empty(device="cpu", recurse=False)
+    # the parameters to be mapped wait on the meta device, where initialising them below writes no page
+    model.load_state_dict({name: state[name] for name in mapped}, strict=False, assign=True)
     for module in model.modules():  # rotary tables, embedding scales: computed, not stored (as transformers does);
         if id(module) not in inside and module._non_persistent_buffers_set:  # before loading, which overwrites the
             model._init_weights(module)  # module's parameters that this initialises too
-    outside = [name for name in state if not name.startswith(prefix) and name in files]
-    model.load_state_dict(_read(files, outside), strict=False)
+    model.load_state_dict(_read(files, [name for name in outside if name not in mapped]), strict=False)
+    model.load_state_dict(mapped, strict=False, assign=True)  # the mapped tensors become the parameters
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {params[name].data_ptr() for name in outside if name in params}
