@@ -17,7 +17,9 @@ split) in the parent process.
 the right to write under /sys/fs/cgroup) whose hard limit is N MB: the kernel reclaims the page cache and, with no
 swap, kills the process when its own memory would pass the limit. Reported: whether the run finished, the cgroup's
 peak usage (page cache included) and the OOM kills it counted; a finished run's pruned weights must hash as the
-uncapped run's.
+uncapped run's. A capped run that has not finished after `--timeout-s` (default 900 s) is stopped: under a cap
+that leaves no room for its anonymous memory and its code, a process can crawl for hours re-reading the file pages
+the kernel keeps dropping (reported: the file pages the group read again).
 
     .venv/bin/python bench/offload.py
     .venv/bin/python bench/offload.py --cap-mb 850 --batch-size 2
@@ -95,6 +97,13 @@ class MemoryCap:
         text = _read(self.path / ("memory.oom_control" if self.version == 1 else "memory.events"))
         return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
 
+    def refaults_mb(self) -> float | None:
+        """File pages read again after the group's reclaim dropped them (thrashing), in MB."""
+        text = _read(self.path / "memory.stat")
+        pages = next((int(line.split()[1]) for line in text.splitlines()
+                      if line.startswith("workingset_refault_file ")), None)
+        return None if pages is None else pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
     def close(self) -> None:
         self.path.rmdir()
 
@@ -165,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     windows = None
     runs = ([(e, m, None) for m in args.methods for e in ENGINES] if args.cap_mb is None else
-            [(e, "wanda", args.cap_mb) for e in ENGINES])
+            [(e, "wanda", args.cap_mb) for e in reversed(ENGINES)])  # the offloaded run first
     for engine, method, cap_mb in runs:
         if (engine, method, cap_mb, args.batch_size) in done:
             continue
@@ -179,10 +188,19 @@ def run(args: argparse.Namespace) -> None:
             # run starts from a cold cache where this process may drop it (root), and the row says which
             cold = cap is not None and _drop_caches()
             try:
-                result = subprocess.run(command, capture_output=True, text=True, check=False,
-                                        preexec_fn=cap.enter if cap else None)
+                child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         preexec_fn=cap.enter if cap else None)
+                timed_out = False
+                try:
+                    stdout, stderr = child.communicate(timeout=args.timeout_s if cap else None)
+                except subprocess.TimeoutExpired:  # a capped run that thrashes the page cache can crawl for hours
+                    child.kill()
+                    stdout, stderr = child.communicate()
+                    timed_out = True
+                result = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
                 capped = {"cap_mb": cap_mb, "cgroup_peak_mb": cap.peak_mb(), "oom_kills": cap.oom_kills(),
-                          "returncode": result.returncode, "cold_cache": cold} if cap else {}
+                          "returncode": result.returncode, "cold_cache": cold, "timed_out": timed_out,
+                          "timeout_s": args.timeout_s, "file_refaults_mb": cap.refaults_mb()} if cap else {}
             finally:
                 if cap:
                     cap.close()
@@ -264,8 +282,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                   "peak MB | anonymous MB | wall s | same weights |",
                   "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
         for r in capped:
+            refaults = r.get("file_refaults_mb")
+            thrash = "" if not refaults else f", {refaults / 1024:,.0f} GB of file pages read again"
             outcome = ("finished" if r["ok"] else
                        f"killed by the OOM killer (exit {r['returncode']})" if r["oom_kills"] else
+                       f"stopped at the {r['timeout_s']:.0f} s limit{thrash}" if r.get("timed_out") else
                        f"failed (exit {r['returncode']})")
             same = ("yes" if r.get("pruned_sha256") == uncapped.get((r["engine"], r["method"])) else "no") \
                 if r["ok"] else "—"
@@ -293,6 +314,8 @@ def main() -> None:
     parser.add_argument("--cap-mb", type=int, help="run Wanda with both engines under this memory cap (a cgroup)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size of the runs")
     parser.add_argument("--model", choices=tuple(MODELS), default="smollm2-135m")
+    parser.add_argument("--timeout-s", type=float, default=900,
+                        help="stop a capped run after this many seconds (default 900)")
     parser.add_argument("--methods", nargs="+", choices=("wanda", "sparsegpt"), default=["wanda", "sparsegpt"],
                         help="methods of the uncapped runs (a capped run is Wanda)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
