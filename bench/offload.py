@@ -146,7 +146,8 @@ def child(args: argparse.Namespace) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
-    row = {"engine": args.engine, "method": args.method, "baseline_mb": baseline, "batch_size": args.batch_size}
+    row = {"engine": args.engine, "method": args.method, "baseline_mb": baseline, "batch_size": args.batch_size,
+           "anon_baseline_mb": anonymous[0]}
     if args.engine == "offloaded":
         model, tokenizer = prunekit.load_offloaded(args.model)
     else:
