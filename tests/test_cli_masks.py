@@ -1,6 +1,8 @@
 """Keep-masks as files: `prunekit.save_masks`/`load_masks`, `prunekit prune --save-masks`, `--method given+admm
 --masks FILE` and `prunekit heal --masks FILE`."""
 
+import hashlib
+
 import pytest
 import torch
 import transformers
@@ -107,6 +109,7 @@ def test_given_admm_from_a_masks_file_reproduces_wanda_admm(tiny_dir, tmp_path, 
     assert all(torch.equal(given[name], weight) for name, weight in joint.items())
     (_, _, record), (_, _, first) = prunekit.load(tmp_path / "given"), prunekit.load(tmp_path / "joint")
     assert record["method"]["masks"] == "given" and record["method"]["masks_file"] == str(masks_file)
+    assert record["method"]["masks_sha256"] == hashlib.sha256(masks_file.read_bytes()).hexdigest()
     assert record["metrics"]["sparsity"]["achieved"] == first["metrics"]["sparsity"]["achieved"] > 0.59
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prunekit import names
-from prunekit.artifacts.files import Staging, check_distinct, check_output, check_output_dir
+from prunekit.artifacts.files import Staging, check_distinct, check_output, check_output_dir, file_sha256
 from prunekit.errors import PrunekitError
 
 # prunekit's modules import torch and transformers (seconds); the parser does not, so that `--help` and argument
@@ -474,7 +474,7 @@ def _run(args: argparse.Namespace) -> dict:
                 return_masks=args.save_masks is not None, **weight_options, **common)
             record, chosen = result if args.save_masks is not None else (result, None)
             if given_masks is not None:
-                record["method"]["masks_file"] = args.masks
+                record["method"].update(masks_file=args.masks, masks_sha256=file_sha256(args.masks))
         with Staging(overwrite=args.overwrite) as stage:  # the model and its masks appear together or not at all
             if args.save_masks is not None:
                 api.save_masks(chosen, stage.path(args.save_masks))

@@ -16,6 +16,7 @@ Everything here is light (standard library only), so the command line can run th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -165,6 +166,15 @@ def check_safetensors(path: PathLike) -> tuple[dict, int]:
             raise PrunekitError(f"weights file '{path}' is truncated or corrupt: tensor '{name}' lies outside the "
                                 f"file's {data_size:,} data bytes")
     return header, 8 + header_len
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(16 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def refuse_pickled_weights(directory: PathLike, what: str = "model directory") -> list[Path]:

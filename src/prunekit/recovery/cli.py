@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from prunekit import names
-from prunekit.artifacts.files import check_distinct, check_output_dir
+from prunekit.artifacts.files import check_distinct, check_output_dir, file_sha256
 from prunekit.cli import count, local_path
 from prunekit.errors import PrunekitError
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     if manifest is not None:
         record["pruning"] = manifest.get("method")
     if masks is not None:
-        record["method"]["masks_file"] = args.masks
+        record["method"].update(masks_file=args.masks, masks_sha256=file_sha256(args.masks))
     api.save(loaded.model, loaded.tokenizer, out, record, overwrite=args.overwrite)
     record["output"] = str(out)
     return record
