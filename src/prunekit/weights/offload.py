@@ -129,11 +129,14 @@ def _map(files: dict[str, tuple[Path, str]], wanted: dict[str, torch.dtype]) -> 
     files: a page is read when first touched and, unmodified, stays file cache that the kernel can reclaim; a write
     goes to a private copy, never to the file. Pruning touches only the embedding rows of the calibration tokens,
     so a model's embedding costs it almost no memory. A tensor that cannot be mapped (a cap on private mappings,
-    RLIMIT_DATA) is left out, to be read instead."""
-    mapped = {}
+    RLIMIT_DATA) is left out, to be read instead. The file must stay as it is while the model lives, as for any
+    mapped file (prunekit itself only reads its inputs)."""
+    mapped, headers = {}, {}
     for name, dtype in wanted.items():
         file, stored = files[name]
-        header, start = check_safetensors(file)
+        if file not in headers:
+            headers[file] = check_safetensors(file)
+        header, start = headers[file]
         entry = header[stored]
         begin, end = (start + offset for offset in entry["data_offsets"])
         if _DTYPES.get(entry.get("dtype")) != dtype or end - begin < MAP_MIN_BYTES:
