@@ -74,6 +74,9 @@ def test_bad_masks_are_refused_in_one_line(tmp_path):
         with pytest.raises(PrunekitError, match=message):
             prunekit.save_masks(masks, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(PrunekitError, match="is a directory"):
+        prunekit.save_masks({"a.weight": torch.ones(2, dtype=torch.bool)}, tmp_path, overwrite=True)
+    assert tmp_path.is_dir() and (tmp_path / "floats.safetensors").is_file()
 
 
 def test_staging_writes_every_output_or_none(tmp_path):
@@ -157,6 +160,7 @@ def test_heal_holds_the_masks_of_a_file_not_the_zeros(tiny_dir, tmp_path, capsys
     (["--method", "given+admm", "--masks", "WRONG"], "must be a bool tensor of the weight's shape"),
     (["--method", "given+admm", "--masks", "MISSING"], "does not exist"),
     (["--method", "wanda", "--sparsity", "0.5", "--save-masks", "EXISTING"], "exists; pass --overwrite"),
+    (["--method", "wanda", "--sparsity", "0.5", "--save-masks", "DIRECTORY", "--overwrite"], "is a directory"),
 ])
 def test_bad_mask_options_exit_2_and_write_nothing(tiny_dir, tmp_path, capsys, args, needle):
     masks = {name: w != 0 for name, w in prunekit.target_weights(
@@ -165,14 +169,17 @@ def test_bad_mask_options_exit_2_and_write_nothing(tiny_dir, tmp_path, capsys, a
     name = next(iter(masks))
     prunekit.save_masks({name: torch.ones(2, 2, dtype=torch.bool)}, tmp_path / "wrong.safetensors")
     (tmp_path / "existing.safetensors").write_bytes(b"mine")
+    (tmp_path / "directory").mkdir()
+    (tmp_path / "directory" / "keep.txt").write_text("mine")
     paths = {"MASKS": "masks.safetensors", "WRONG": "wrong.safetensors", "MISSING": "missing.safetensors",
-             "NEW": "new.safetensors", "EXISTING": "existing.safetensors"}
+             "NEW": "new.safetensors", "EXISTING": "existing.safetensors", "DIRECTORY": "directory"}
     args = [str(tmp_path / paths[a]) if a in paths else a for a in args]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert _prune(tiny_dir, tmp_path / "out", *args) == 2
     _one_line_error(capsys, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "existing.safetensors").read_bytes() == b"mine"
+    assert (tmp_path / "directory" / "keep.txt").read_text() == "mine"
 
 
 def test_a_failed_prune_writes_neither_the_model_nor_the_masks(tmp_path, capsys):

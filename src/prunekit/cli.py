@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prunekit import names
-from prunekit.artifacts.files import Staging, check_distinct, check_output, check_output_dir, file_sha256
+from prunekit.artifacts.files import Staging, check_distinct, check_output_dir, file_sha256
 from prunekit.errors import PrunekitError
 
 # prunekit's modules import torch and transformers (seconds); the parser does not, so that `--help` and argument
@@ -406,7 +406,9 @@ def _run(args: argparse.Namespace) -> dict:
                        {"output directory": out, "masks output": args.save_masks})
         check_output_dir(out, args.overwrite)
         if args.save_masks is not None:
-            check_output(args.save_masks, args.overwrite)
+            from prunekit.artifacts.io import check_masks_output
+
+            check_masks_output(args.save_masks, args.overwrite)
         kind = _prune_object(args)
         weight_options = {option: getattr(args, option) for option in _WEIGHT_OPTIONS
                           if getattr(args, option) is not None}
