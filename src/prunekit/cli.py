@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prunekit import names
-from prunekit.artifacts.files import Staging, check_distinct, check_output_dir, file_sha256
+from prunekit.artifacts.files import Staging, check_distinct, check_output_dir, check_output_file, file_sha256
 from prunekit.errors import PrunekitError
 
 # prunekit's modules import torch and transformers (seconds); the parser does not, so that `--help` and argument
@@ -406,9 +406,7 @@ def _run(args: argparse.Namespace) -> dict:
                        {"output directory": out, "masks output": args.save_masks})
         check_output_dir(out, args.overwrite)
         if args.save_masks is not None:
-            from prunekit.artifacts.io import check_masks_output
-
-            check_masks_output(args.save_masks, args.overwrite)
+            check_output_file(args.save_masks, args.overwrite, what="masks output", example="masks.safetensors")
         kind = _prune_object(args)
         weight_options = {option: getattr(args, option) for option in _WEIGHT_OPTIONS
                           if getattr(args, option) is not None}

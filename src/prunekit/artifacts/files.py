@@ -226,6 +226,14 @@ def check_output(path: PathLike, overwrite: bool) -> Path:
     return path
 
 
+def check_output_file(path: PathLike, overwrite: bool, *, what: str, example: str) -> Path:
+    """`check_output` for an output that must be a file: an existing directory there is refused even with
+    `overwrite`, which would otherwise replace the directory with the file."""
+    if Path(path).is_dir():
+        raise PrunekitError(f"{what} '{path}' is a directory; pass a file path such as {example}")
+    return check_output(path, overwrite)
+
+
 class Staging:
     """Write several outputs so that all appear together or none do.
 

@@ -20,8 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from prunekit.artifacts.files import (
     Staging,
-    check_output,
     check_output_dir,
+    check_output_file,
     check_safetensors,
     clean_stale_siblings,
     read_bounded_text,
@@ -215,13 +215,6 @@ def load_pruned(
 MASKS_KIND = "prunekit keep-masks"
 
 
-def check_masks_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse, before any work, a masks output that is a directory, or that exists without `overwrite`."""
-    if Path(path).is_dir():
-        raise PrunekitError(f"masks output '{path}' is a directory; pass a file path such as masks.safetensors")
-    check_output(path, overwrite)
-
-
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write keep-masks {parameter name: bool tensor, True = kept} as one safetensors file, atomically.
 
@@ -235,7 +228,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, *, ov
         tensors[name] = keep.detach().cpu().contiguous()
     if not tensors:
         raise PrunekitError("no keep-masks to save")
-    check_masks_output(path, overwrite)
+    check_output_file(path, overwrite, what="masks output", example="masks.safetensors")
     with Staging(overwrite=overwrite) as stage:
         save_file(tensors, stage.path(path), metadata={"format": "pt", "kind": MASKS_KIND})
     return Path(path)
