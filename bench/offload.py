@@ -224,13 +224,11 @@ def run(args: argparse.Namespace) -> None:
 
 def _facts(model: str) -> dict:
     """Sizes from the model's files and config: float32 weight bytes, blocks, one block's bytes, hidden width."""
-    import json as json_
-
     from prunekit.artifacts.files import check_safetensors
     from prunekit.assets import model_path
 
     path = model_path(model)
-    config = json_.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
     config = config.get("text_config", config)
     sizes = {}
     for file in path.glob("*.safetensors"):
