@@ -23,6 +23,7 @@ def _cli(args: list[str]) -> int:
     (["--method", "bogus"], "unknown method 'bogus'"),
     (["--method", "wanda", "--sparsity", "0.5", "--admm-rho", "2"], "--admm-rho applies to ADMM methods"),
     (["--method", "admm", "--sparsity", "0.5", "--admm-rho", "-1"], "ADMM penalty rho -1.0"),
+    (["--method", "wanda+admm", "--sparsity", "0.5", "--admm-ramp-dtype", "bfloat16"], "the gradual ADMM methods"),
     (["--method", "wanda", "--sparsity", "0.5", "--dsnot-cycles", "3"], "--dsnot-cycles applies to +dsnot methods"),
     (["--method", "flap", "--remove", "0.2", "--dsnot-cycles", "3"], "--dsnot-cycles applies to weights"),
     (["--method", "wanda", "--sparsity", "0.5", "--ecoflap-directions", "3"], "applies to --allocation ecoflap"),

@@ -27,6 +27,7 @@ from prunekit.measure import ResourceMonitor, perplexity
 from prunekit.measure.protocol import result_record, weight_facts
 from prunekit.structure import prune_structure, saved_widths
 from prunekit.targets import mask_target, projection_weights, target_weights
+from prunekit.weights.admm import resolve_ramp_dtype
 from prunekit.weights.ecoflap import check_ecoflap_options, ecoflap_plan
 from prunekit.weights.engine import (
     BlockPlan,
@@ -102,8 +103,8 @@ def _given_mask_plan(model: nn.Module, adapter,
 
 def check_prune_options(
     method: str, sparsity: float | None, pattern: str | None, allocation: str, blocksize: int = 128,
-    damping: float = 0.01, *, admm_rho: float = 1.0, admm_iterations: int = 20, dsnot_cycles: int = 50,
-    ecoflap_directions: int = 2, ecoflap_epsilon: float = 1e-3, true_sequential: bool = False,
+    damping: float = 0.01, *, admm_rho: float = 1.0, admm_iterations: int = 20, admm_ramp_dtype: str = "auto",
+    dsnot_cycles: int = 50, ecoflap_directions: int = 2, ecoflap_epsilon: float = 1e-3, true_sequential: bool = False,
 ) -> tuple[WeightMethod, WeightBudget]:
     """Validate the model-independent options of `prune`, so that callers can fail before loading a model. For a
     method whose masks are given (`given+admm`) the budget's sparsity is a placeholder: `prune` takes it from the
@@ -124,7 +125,8 @@ def check_prune_options(
                             f"with --allocation {allocation}")
     if blocksize < 1 or not 0 <= damping < 1:
         raise PrunekitError(f"blocksize {blocksize} must be >= 1 and damping {damping} in [0, 1)")
-    PruneOptions(admm_rho=admm_rho, admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles)
+    PruneOptions(admm_rho=admm_rho, admm_iterations=admm_iterations, admm_ramp_dtype=admm_ramp_dtype,
+                 dsnot_cycles=dsnot_cycles)
     if true_sequential and method_spec.statistics not in ("norms", "hessian"):
         raise PrunekitError(f"true-sequential calibration changes only methods calibrated on activations; "
                             f"'{method}' does not use them")
@@ -150,6 +152,7 @@ def prune(
     damping: float = 0.01,
     admm_rho: float = 1.0,
     admm_iterations: int = 20,
+    admm_ramp_dtype: str = "auto",
     dsnot_cycles: int = 50,
     ecoflap_directions: int = 2,
     ecoflap_epsilon: float = 1e-3,
@@ -169,7 +172,9 @@ def prune(
     method: one of `prunekit.names.ONESHOT_METHODS`: magnitude, random, wanda, ria, sparsegpt, admm, or a scored
         method followed by the ADMM weight update ('wanda+admm'); `admm_rho` and `admm_iterations` set ADMM's
         penalty and number of iterations. 'given+admm' removes what `masks` say and updates the kept weights by
-        ADMM.
+        ADMM. `admm_ramp_dtype` is the precision of the gradual ADMM's iterations while its mask ramps up:
+        'auto' (bfloat16 where the compute device multiplies it natively, else float32; the record says which),
+        'float32' or 'bfloat16'.
     masks: for 'given+admm' only: keep-masks {parameter name: bool tensor in the parameter's layout} of the
         target weights, from any source (`return_masks=True` of another method, `prune_structure(...,
         mode="mask")` for a structured mask); a weight without one stays whole. Sparsity, pattern and allocation
@@ -203,6 +208,7 @@ def prune(
     """
     method_spec, budget = check_prune_options(method, sparsity, pattern, allocation, blocksize, damping,
                                               admm_rho=admm_rho, admm_iterations=admm_iterations,
+                                              admm_ramp_dtype=admm_ramp_dtype,
                                               dsnot_cycles=dsnot_cycles, ecoflap_directions=ecoflap_directions,
                                               ecoflap_epsilon=ecoflap_epsilon, true_sequential=true_sequential)
     check_run_lengths(model, calibration, calibration_seq_len, evaluation, eval_seq_len, batch_size)
@@ -224,8 +230,9 @@ def prune(
     compute = compute_device(model, device)
     activations = torch.device("cpu") if next(model.parameters()).device.type == "cpu" else compute
     options = PruneOptions(seed=seed, blocksize=blocksize, damping=damping, admm_rho=admm_rho,
-                           admm_iterations=admm_iterations, dsnot_cycles=dsnot_cycles,
-                           true_sequential=true_sequential)
+                           admm_iterations=admm_iterations,
+                           admm_ramp_dtype=resolve_ramp_dtype(admm_ramp_dtype, compute),
+                           dsnot_cycles=dsnot_cycles, true_sequential=true_sequential)
     needs_calibration = method_spec.statistics is not None or allocation in ("owl", "ecoflap")
     calibrated = method_spec.statistics in ("norms", "hessian")
     calib = None

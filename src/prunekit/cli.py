@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-rho", type=float, default=None, help="ADMM methods: penalty rho (default 1)")
     p.add_argument("--admm-iterations", type=count(0), default=None,
                    help="ADMM methods: iterations (default 20; 0 = no update)")
+    p.add_argument("--admm-ramp-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                   help="gradual ADMM (admm, admm+dsnot): precision of the iterations while the mask ramps up "
+                        "(default auto: bfloat16 where the device multiplies it natively, else float32)")
     p.add_argument("--dsnot-cycles", type=count(0), default=None,
                    help="+dsnot methods: most prune-and-grow swaps per output row (default 50; 0 = none)")
     p.add_argument("--ecoflap-directions", type=count(1), default=None,
@@ -240,6 +243,8 @@ OBJECTS = ("weights", "structures", "blocks")
 # Options of one method or allocation of weights, each refused where it would do nothing: (what they apply to, test).
 _WEIGHT_OPTIONS = {"admm_rho": ("ADMM methods", lambda a: "admm" in a.method),
                    "admm_iterations": ("ADMM methods", lambda a: "admm" in a.method),
+                   "admm_ramp_dtype": ("the gradual ADMM methods (admm, admm+dsnot)",
+                                       lambda a: a.method.split("+")[0] == "admm"),
                    "dsnot_cycles": ("+dsnot methods", lambda a: a.method.endswith("+dsnot")),
                    "ecoflap_directions": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap"),
                    "ecoflap_epsilon": ("--allocation ecoflap", lambda a: a.allocation == "ecoflap"),

@@ -34,6 +34,8 @@ class PruneOptions:
     damping: SparseGPT's dampening, a fraction of the mean Hessian diagonal added to it (paper: 0.01).
     admm_rho, admm_iterations, admm_ramp, admm_damping: ADMM's penalty, its number of iterations, the iterations
         over which its gradual mask reaches the target, and its dampening (Boža 2024 use 1, 20, 15 and 0.1).
+    admm_ramp_dtype: the precision of the gradual ADMM's W-steps during its mask ramp: 'float32', 'bfloat16', or
+        'auto' (bfloat16 where the device multiplies it natively; `prune` records which it resolved to).
     dsnot_cycles: the most prune-and-grow swaps DSnoT makes per output row (Zhang et al. 2024 use 50).
     true_sequential: calibrate each input group of a block on the outputs of the groups already pruned before it
         (attention projections pruned before the MLP's inputs are recorded), as SparseGPT's reference code offers;
@@ -47,17 +49,20 @@ class PruneOptions:
     admm_iterations: int = 20
     admm_ramp: int = 15
     admm_damping: float = 0.1
+    admm_ramp_dtype: str = "auto"
     dsnot_cycles: int = DSNOT_CYCLES
     true_sequential: bool = False
 
     def __post_init__(self) -> None:
-        check_admm_options(self.admm_rho, self.admm_iterations, self.admm_ramp, self.admm_damping)
+        check_admm_options(self.admm_rho, self.admm_iterations, self.admm_ramp, self.admm_damping,
+                           self.admm_ramp_dtype)
         check_dsnot_options(self.dsnot_cycles)
 
     def as_dict(self) -> dict:
         return {"seed": self.seed, "blocksize": self.blocksize, "damping": self.damping, "admm_rho": self.admm_rho,
                 "admm_iterations": self.admm_iterations, "admm_ramp": self.admm_ramp,
-                "admm_damping": self.admm_damping, "dsnot_cycles": self.dsnot_cycles,
+                "admm_damping": self.admm_damping, "admm_ramp_dtype": self.admm_ramp_dtype,
+                "dsnot_cycles": self.dsnot_cycles,
                 "true_sequential": self.true_sequential}
 
 
@@ -119,7 +124,7 @@ def _admm_group(weights, stats, sparsity, pattern, options, generator):
     rows = [w.shape[0] for w in weights]
     updated, keep = admm_prune(torch.cat(weights), stats.hessian, sparsity=sparsity, pattern=pattern,
                                rho=options.admm_rho, iterations=options.admm_iterations, ramp=options.admm_ramp,
-                               damping=options.admm_damping)
+                               damping=options.admm_damping, ramp_dtype=options.admm_ramp_dtype)
     return GroupDecision(list(keep.split(rows)), list(updated.split(rows)))
 
 
