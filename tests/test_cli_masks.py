@@ -155,7 +155,10 @@ def test_heal_holds_the_masks_of_a_file_not_the_zeros(tiny_dir, tmp_path, capsys
 @pytest.mark.parametrize("args, needle", [
     (["--method", "given+admm"], "applies the keep-masks of --masks FILE"),
     (["--method", "wanda", "--sparsity", "0.5", "--masks", "MASKS"], "--masks applies to method 'given+admm'"),
-    (["--method", "sleb", "--blocks", "1", "--save-masks", "NEW"], "--save-masks applies to weights, not to blocks"),
+    (["--method", "sleb", "--blocks", "1", "--save-masks", "NEW"],
+     "--save-masks applies to weights and structures, not to blocks"),
+    (["--method", "l2", "--remove", "0.2", "--save-masks", "NEW"], "--save-masks for structures needs --mode mask"),
+    (["--method", "wanda", "--sparsity", "0.5", "--mode", "mask"], "--mode applies to structures, not to weights"),
     (["--method", "given+admm", "--masks", "MASKS", "--sparsity", "0.5"], "leave sparsity, pattern and allocation"),
     (["--method", "given+admm", "--masks", "WRONG"], "must be a bool tensor of the weight's shape"),
     (["--method", "given+admm", "--masks", "MISSING"], "does not exist"),
@@ -180,6 +183,27 @@ def test_bad_mask_options_exit_2_and_write_nothing(tiny_dir, tmp_path, capsys, a
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "existing.safetensors").read_bytes() == b"mine"
     assert (tmp_path / "directory" / "keep.txt").read_text() == "mine"
+
+
+def test_a_structured_mask_goes_from_the_command_line_into_given_admm(tiny_dir, tmp_path, capsys):
+    """`--object structures --mode mask --save-masks` writes whole-unit masks in the dense shapes, and `given+admm
+    --masks` applies them to the dense model with the ADMM update."""
+    out, masks_file = tmp_path / "l2", tmp_path / "l2-masks.safetensors"
+    assert _prune(tiny_dir, out, "--method", "l2", "--remove", "0.002", "--mode", "mask", "--no-speed",
+                  "--save-masks", str(masks_file)) == 0
+    dense = prunekit.target_weights(transformers.AutoModelForCausalLM.from_pretrained(tiny_dir))
+    masks, masked = prunekit.load_masks(masks_file), _targets(out)
+    assert masks and all(masked[name].shape == dense[name].shape for name in masks)
+    for name, keep in masks.items():
+        assert torch.equal(masked[name], dense[name].masked_fill(~keep, 0)), name
+        assert (keep.all(1) | ~keep.any(1)).all() or (keep.all(0) | ~keep.any(0)).all(), name  # whole units
+    assert any(not keep.all() for keep in masks.values())
+    given = tmp_path / "given"
+    assert _prune(tiny_dir, given, "--method", "given+admm", "--masks", str(masks_file)) == 0
+    updated = _targets(given)
+    for name, keep in masks.items():
+        assert (updated[name][~keep] == 0).all(), name
+    assert any(not torch.equal(updated[n], masked[n]) for n in masks)  # the kept weights were re-fitted
 
 
 def test_a_failed_prune_writes_neither_the_model_nor_the_masks(tmp_path, capsys):

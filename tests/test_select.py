@@ -72,6 +72,22 @@ def test_nm_mask_groups_are_valid_and_keep_the_largest(n, m):
     assert (s.masked_fill(~groups, float("inf")).amin(-1) >= s.masked_fill(groups, -1).amax(-1)).all()
 
 
+def test_nm_mask_ties_go_to_the_earlier_entries():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 5.0, 0.0, 5.0, 5.0]])
+    assert nm_mask(scores, 2, 4).tolist() == [[True, True, False, False, False, True, True, False,
+                                                True, False, True, False]]
+    assert nm_mask(scores, 1, 4).sum().item() == 3
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 8), (8, 16)])
+def test_nm_mask_keeps_the_n_largest_of_distinct_scores_as_topk_does(n, m):
+    """The pairwise path (M <= 8) and the topk path (larger M) both keep exactly the N largest of every group."""
+    scores = torch.randn(64, m * 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    groups = scores.reshape(64, 24, m)
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    assert torch.equal(nm_mask(scores, n, m), expected.reshape(64, -1))
+
+
 def test_select_mask_dispatch():
     scores = torch.rand(8, 16)
     assert torch.equal(select_mask(scores, 0.5, Pattern(2, 4)), nm_mask(scores, 2, 4))

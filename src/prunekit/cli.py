@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", default=None,
                    help="structures: heads, neurons, or heads,neurons (default); a KV head goes with its query heads")
     p.add_argument("--round-to", type=count(1), default=None, help="structures: kept neuron counts a multiple of it")
+    p.add_argument("--mode", choices=("remove", "mask"), default=None,
+                   help="structures: remove the units, shrinking the tensors (default), or zero them in the dense "
+                        "shapes (with --save-masks, a structured mask for given+admm --masks or heal --masks)")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="structures: time a forward pass (batch 1 and 16 × 128 tokens) before and after (default on; "
                         "MACs are always counted)")
@@ -151,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="given+admm: the keep-masks to apply, a safetensors file of bool tensors by parameter name "
                         "(as --save-masks writes)")
     p.add_argument("--save-masks", default=None, metavar="FILE",
-                   help="weights: also write the keep-masks the method chose to this safetensors file (for "
-                        "given+admm --masks, or prunekit heal --masks)")
+                   help="weights, and structures with --mode mask: also write the keep-masks the method chose to "
+                        "this safetensors file (for given+admm --masks, or prunekit heal --masks)")
     p.add_argument("--blocksize", type=count(1), default=128, help="SparseGPT lazy-update block (default 128)")
     p.add_argument("--damping", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--batch-size", type=count(1), default=8, help="calibration sequences per forward (default 8)")
@@ -252,7 +255,8 @@ _WEIGHT_OPTIONS = {"admm_rho": ("ADMM methods", lambda a: "admm" in a.method),
                    "true_sequential": ("methods calibrated on activations", lambda a: True)}
 # Options that apply to one object only; giving one for another object is refused, never silently ignored.
 _OPTIONS_OF = {"weights": ("sparsity", "pattern", "offload", "masks", "save_masks", *_WEIGHT_OPTIONS),
-               "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed"),
+               "structures": ("remove", "remove_macs", "units", "round_to", "reconstruct", "speed", "mode",
+                              "save_masks"),
                "blocks": ("remove", "blocks", "unit", "merge")}
 
 
@@ -433,7 +437,11 @@ def _run(args: argparse.Namespace) -> dict:
                 check_offload_options(allocation=args.allocation, statistics=method_spec.statistics)
         elif kind == "structures":
             units = _units(args.units)
-            check_structure_options(args.method, args.remove, args.allocation, round_to=args.round_to,
+            if args.save_masks is not None and args.mode != "mask":
+                raise PrunekitError("--save-masks for structures needs --mode mask: removed units leave no dense "
+                                    "shapes for a mask to describe")
+            check_structure_options(args.method, args.remove, args.allocation, mode=args.mode or "remove",
+                                    round_to=args.round_to,
                                     reconstruct=args.reconstruct, remove_macs=args.remove_macs,
                                     **({"units": units} if units is not None else {}))
         else:
@@ -462,11 +470,12 @@ def _run(args: argparse.Namespace) -> dict:
                       eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows or None,
                       batch_size=args.batch_size, progress=progress, model_source=args.model)
         if kind == "structures":
-            record = api.prune_structure(loaded.model, loaded.tokenizer, method=args.method, remove=args.remove,
-                                         remove_macs=args.remove_macs,
+            result = api.prune_structure(loaded.model, loaded.tokenizer, method=args.method, remove=args.remove,
+                                         remove_macs=args.remove_macs, mode=args.mode or "remove",
                                          allocation=args.allocation, round_to=args.round_to,
                                          reconstruct=args.reconstruct, speed=args.speed is not False,
                                          **({"units": units} if units is not None else {}), **common)
+            record, chosen = result if args.mode == "mask" else (result, None)
         elif kind == "blocks":
             record = api.prune_depth(loaded.model, loaded.tokenizer, method=args.method, blocks=args.blocks,
                                      remove=args.remove, unit=args.unit or "block", merge=bool(args.merge),

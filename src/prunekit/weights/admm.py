@@ -179,6 +179,8 @@ def _select(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Te
     first, so that the mask reaches a valid N:M mask when `sparsity` reaches 1 - N/M."""
     if pattern.is_nm:
         keep = nm_mask(scores, pattern.n, pattern.m)
+        if sparsity >= pattern.sparsity:  # the ramp's last step: the N:M mask itself
+            return keep
         return row_mask(scores.masked_fill(keep, float("inf")), sparsity)
     return row_mask(scores, sparsity)
 
