@@ -77,9 +77,16 @@ def run(args: argparse.Namespace, wanted: list[str]) -> None:
             prune = record["resources"]["prune"]
             row |= {"perplexity": record["metrics"]["pruned"]["perplexity"], "prune_s": prune["wall_s"],
                     "peak_rss_mb": prune["peak_rss_mb"], "achieved": record["metrics"]["sparsity"]["achieved"],
-                    "method": record["method"]}
+                    "method": record["method"], "forward_after_s": record["forward_after_s"]}
         append_row(_raw(args.model), row)
         print(f"{config}: {row['perplexity']:.2f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+
+def forward_s(row: dict) -> float:
+    """The denominator of a row's time ratio: the mean of the forwards timed before and after pruning, or for rows
+    measured before stop 16 the forward before it."""
+    after = row.get("forward_after_s")
+    return row["dense_forward_s"] if after is None else (row["dense_forward_s"] + after) / 2
 
 
 def _ppl(value: float) -> str:
@@ -100,7 +107,10 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"tokens of the "
         f"`wiki-summaries` train split (seed 0); perplexity on the first {args.eval_windows} non-overlapping "
         f"512-token windows of its held-out split. Each cell: perplexity, then pruning time as a multiple of one dense "
-        f"forward over the calibration set timed in the same process, then peak resident memory while pruning (MB, "
+        f"forward over the calibration set timed in the same process (the mean of one timed before pruning and the "
+        f"same forward of the pruned model, whose dense tensors cost the same, timed after it, so that the "
+        f"machine's drift during a run is bracketed; rows measured before this was added divide by the forward "
+        f"before), then peak resident memory while pruning (MB, "
         f"model included). {args.threads} threads on {platform.processor() or platform.machine()} "
         f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}. †: timed while other "
         f"benchmarks shared the 2 cores (marked `shared_machine` in the JSON lines by hand), so that ratio says more "
@@ -116,7 +126,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             for budget in measured:
                 row = by_config.get(f"{method}:{allocation}:{budget}")
                 cells.append("" if row is None else
-                             f"{_ppl(row['perplexity'])} · {row['prune_s'] / row['dense_forward_s']:.1f}×"
+                             f"{_ppl(row['perplexity'])} · {row['prune_s'] / forward_s(row):.1f}×"
                              f"{'†' if row.get('shared_machine') else ''} · {row['peak_rss_mb']:.0f}")
             if any(cells):
                 name = method + (" + OWL" if allocation == "owl" else "")
