@@ -117,10 +117,11 @@ class _Preconditioned:
         self.fast_inverse = None if fast is None else self.inverse.to(fast)
         self.weight = (weight.double() * self.scale).float()  # W₀ in the preconditioned space
         self.rho = rho
+        self._live = self.live.float().unsqueeze(0)  # products with float factors avoid converting a bool tensor
 
     def scores(self, iterate: torch.Tensor) -> torch.Tensor:
         """|W + U| in this space: Wanda's |W_ij| ||X_j|| of the iterate (dead inputs score 0)."""
-        return iterate.abs() * self.live.unsqueeze(0)
+        return iterate.abs().mul_(self._live)
 
     def weight_step(self, difference: torch.Tensor, fast: bool) -> torch.Tensor:
         """W from `difference` = Z - U - W₀."""
@@ -139,12 +140,13 @@ def _iterate(problem: _Preconditioned, mask: torch.Tensor, iterations: int, rese
     first `fast_steps` W-steps may use the problem's fast precision."""
     w = problem.weight
     u = torch.zeros_like(w)
+    kept = mask.to(w.dtype)
     for step in range(iterations):
         v = w + u
         chosen = reselect(step, v)
         if chosen is not None:
-            mask = chosen
-        z = v * mask
+            mask, kept = chosen, chosen.to(w.dtype)
+        z = v * kept
         u = v - z  # U + W - Z
         w = problem.weight_step(z.sub_(u).sub_(problem.weight), fast=step < fast_steps)  # Z - U - W₀
     return (w + u) * mask, mask
