@@ -19,8 +19,8 @@ Gupta (2017), and then holds it fixed.
 The W-step's matrix product is nearly all of an iteration's cost. During the ramp the iterate only ranks weights
 for the next mask, so there it may run in bfloat16 (`ramp_dtype`), where the hardware multiplies bfloat16 natively
 (2.1-2.6x faster than float32 on an AVX512-BF16 CPU); from the first W-step under the final mask on, the
-iterations run in float32 from that iterate, and ADMM, a fixed-point iteration, converges to the same weights. On SmolLM2's layers the relative
-reconstruction error of the two agrees to 4 significant digits.
+iterations run in float32 from that iterate, and ADMM, a fixed-point iteration, converges to the same weights.
+On SmolLM2's layers the relative reconstruction error of the two agrees to 4 significant digits.
 """
 
 from __future__ import annotations
