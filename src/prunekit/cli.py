@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-rho", type=float, default=None, help="ADMM methods: penalty rho (default 1)")
     p.add_argument("--admm-iterations", type=count(0), default=None,
                    help="ADMM methods: iterations (default 20; 0 = no update)")
-    p.add_argument("--admm-ramp-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+    p.add_argument("--admm-ramp-dtype", choices=names.ADMM_RAMP_DTYPES, default=None,
                    help="gradual ADMM (admm, admm+dsnot): precision of the iterations while the mask ramps up "
                         "(default auto: bfloat16 where the device multiplies it natively, else float32)")
     p.add_argument("--dsnot-cycles", type=count(0), default=None,

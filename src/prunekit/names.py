@@ -25,3 +25,5 @@ HEAL_METHODS = ("lora", "full", "perp")
 EXPERT_CRITERIA = ("frequency", "gate", "reconstruction", "router_norm", "random")
 EXPERT_INSIDE_METHODS = ("moe_pruner", "wanda", "sparsegpt")
 DISTILL_MODES = ("logits", "logits+hidden", "embedding", "embedding+hidden")
+# The precision of the gradual ADMM's iterations while its mask ramps up (`prunekit.weights.admm`).
+ADMM_RAMP_DTYPES = ("auto", "float32", "bfloat16")

@@ -33,9 +33,8 @@ import torch
 
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
+from prunekit.names import ADMM_RAMP_DTYPES
 from prunekit.select import nm_mask, row_mask
-
-RAMP_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @functools.cache
@@ -56,8 +55,7 @@ def resolve_ramp_dtype(choice: str, device: torch.device | str) -> str:
     """'float32' or 'bfloat16': `choice`, with 'auto' meaning bfloat16 where `device` multiplies it natively (a CPU
     with AVX512-BF16, AMX or Arm BF16; a CUDA device with bfloat16 arithmetic) and float32 elsewhere, where
     emulated bfloat16 would be slower than float32."""
-    if choice not in RAMP_DTYPES:
-        raise PrunekitError(f"ADMM ramp dtype {choice!r} is unknown; use one of {', '.join(RAMP_DTYPES)}")
+    _check_ramp_dtype(choice)
     if choice != "auto":
         return choice
     device = torch.device(device)
@@ -66,6 +64,11 @@ def resolve_ramp_dtype(choice: str, device: torch.device | str) -> str:
     else:
         native = device.type == "cpu" and bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
     return "bfloat16" if native else "float32"
+
+
+def _check_ramp_dtype(choice: str) -> None:
+    if choice not in ADMM_RAMP_DTYPES:
+        raise PrunekitError(f"ADMM ramp dtype {choice!r} is unknown; use one of {', '.join(ADMM_RAMP_DTYPES)}")
 
 
 def _is_real(value) -> bool:
@@ -82,8 +85,7 @@ def check_admm_options(rho: float, iterations: int, ramp: int, damping: float, r
         raise PrunekitError(f"ADMM mask ramp {ramp!r} must be a whole number of iterations >= 1")
     if not _is_real(damping) or not 0 <= damping < 1:
         raise PrunekitError(f"ADMM damping {damping!r} must be a number in [0, 1)")
-    if ramp_dtype not in RAMP_DTYPES:
-        raise PrunekitError(f"ADMM ramp dtype {ramp_dtype!r} is unknown; use one of {', '.join(RAMP_DTYPES)}")
+    _check_ramp_dtype(ramp_dtype)
 
 
 class _Preconditioned:
