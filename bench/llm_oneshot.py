@@ -3,7 +3,8 @@
 Protocol: calibration 32 x 512 tokens from the train split of `wiki-summaries` (seed 0); perplexity on the first
 `--eval-windows` non-overlapping 512-token windows of its held-out split; 2 CPU threads. Each configuration runs in
 a fresh process, so that its peak memory is its own. The pruning time is reported as a ratio to one dense forward
-pass (with the LM head) over the same calibration set, timed in the same process just before pruning.
+pass (with the LM head) over the same calibration set, timed in the same process just before pruning (`--one` also
+times it after pruning, `forward_after_s`, which `bench/oneshot_grid.py` averages with it).
 
     .venv/bin/python bench/llm_oneshot.py                        # SmolLM2, all configurations, ~40 min on 2 cores
     .venv/bin/python bench/llm_oneshot.py --model gemma3-270m    # Gemma 3: 50% and 2:4, no OWL
@@ -73,7 +74,7 @@ def run_one(args: argparse.Namespace) -> dict:
     loaded = load_causal_lm(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     # The denominator of the speed ratio: one dense forward pass (with the LM head) over the calibration set,
-    # after a one-batch warm-up, timed in the same process just before pruning.
+    # after a one-batch warm-up, timed in the same process just before pruning (and again after it, below).
     calib = calibration_tokens(tokenizer, CALIBRATION["calibration"], samples=CALIBRATION["calibration_samples"],
                                seq_len=CALIBRATION["calibration_seq_len"], seed=CALIBRATION["seed"])
     def timed_forward() -> float:
