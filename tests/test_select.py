@@ -6,7 +6,15 @@ import torch
 from prunekit.budget import Pattern, parse_pattern, weight_budget
 from prunekit.errors import PrunekitError
 from prunekit.measure import nm_violations
-from prunekit.select import fraction_count, lowest_mask, nm_mask, row_mask, select_mask
+from prunekit.select import (
+    fraction_count,
+    group_ranks,
+    lowest_mask,
+    nm_mask,
+    nm_ramp_mask,
+    row_mask,
+    select_mask,
+)
 
 
 @pytest.mark.parametrize("text, n, m", [("2:4", 2, 4), ("4:8", 4, 8), (" 1 : 3 ", 1, 3)])
@@ -86,6 +94,58 @@ def test_nm_mask_keeps_the_n_largest_of_distinct_scores_as_topk_does(n, m):
     groups = scores.reshape(64, 24, m)
     expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
     assert torch.equal(nm_mask(scores, n, m), expected.reshape(64, -1))
+
+
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_group_ranks_are_the_stable_descending_order_within_each_group(m):
+    """Pairwise counting (M <= 8) and sorting (larger M) agree with a stable sort, ties going to the earlier entry."""
+    scores = torch.randint(0, 5, (9, m * 6), generator=torch.Generator().manual_seed(4)).float()  # many ties
+    ranks = group_ranks(scores, m)
+    assert ranks.dtype == torch.uint8 and ranks.shape == (9, 6, m)
+    order = torch.sort(scores.reshape(9, 6, m), dim=-1, descending=True, stable=True).indices
+    expected = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand_as(order))
+    assert torch.equal(ranks.long(), expected)
+
+
+def _ramp_reference(scores, sparsity, n, m):
+    """nm_ramp_mask by loops: remove one entry at a time, always a group's lowest remaining one, choosing among
+    groups with the fewest removals so far the entry of lowest score (the earlier group on ties)."""
+    rows, cols = scores.shape
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    ranks = group_ranks(scores, m)
+    for r in range(rows):
+        removed = [0] * (cols // m)
+        for _ in range(fraction_count(cols, sparsity)):
+            fewest = min(removed)
+            candidates = []
+            for g, count in enumerate(removed):
+                if count == fewest:
+                    j = int((ranks[r, g] == m - 1 - count).nonzero())
+                    candidates.append((float(scores[r, g * m + j]), g, j))
+            _, g, j = min(candidates)
+            keep[r, g * m + j] = False
+            removed[g] += 1
+    return keep
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (3, 8)])
+def test_nm_ramp_mask_removes_each_groups_lowest_first_and_ends_on_nm(n, m):
+    scores = torch.rand(6, m * 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    final = nm_mask(scores, n, m)
+    for sparsity in (0.0, 0.1, 0.2, 0.3, 0.45, 1 - n / m):
+        sparsity = min(sparsity, 1 - n / m)
+        keep = nm_ramp_mask(scores, sparsity, n, m)
+        assert ((~keep).sum(1) == fraction_count(m * 5, sparsity)).all()
+        assert (keep | ~final).all()  # every group's N best stay throughout
+        lost = (~keep).reshape(6, 5, m).sum(-1)
+        assert (lost.amax(1) - lost.amin(1) <= 1).all()  # groups lose evenly
+        assert torch.equal(keep, _ramp_reference(scores, sparsity, n, m))
+    assert torch.equal(nm_ramp_mask(scores, 1 - n / m, n, m), final)
+
+
+def test_nm_ramp_mask_refuses_a_sparsity_beyond_the_pattern():
+    with pytest.raises(PrunekitError, match=r"^sparsity 0.6 is above the 0.5 that pattern 2:4 reaches$"):
+        nm_ramp_mask(torch.rand(4, 16), 0.6, 2, 4)
 
 
 def test_select_mask_dispatch():

