@@ -82,12 +82,12 @@ def test_bad_masks_are_refused_in_one_line(tmp_path):
 def test_staging_writes_every_output_or_none(tmp_path):
     with pytest.raises(RuntimeError), Staging() as stage:
         stage.path(tmp_path / "a.txt").write_text("a")
-        (stage.path(tmp_path / "d")).mkdir()
+        stage.path(tmp_path / "d", directory=True).mkdir()
         raise RuntimeError("half-way")
     assert list(tmp_path.iterdir()) == []
     with Staging() as stage:
         stage.path(tmp_path / "a.txt").write_text("a")
-        stage.path(tmp_path / "d").mkdir()
+        stage.path(tmp_path / "d", directory=True).mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
 
 

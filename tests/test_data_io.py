@@ -151,6 +151,28 @@ def test_a_failed_staging_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_staging_never_replaces_a_directory_by_a_file_or_a_file_by_a_directory(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    (tmp_path / "f").write_text("f")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with Staging(overwrite=True) as stage, pytest.raises(PrunekitError, match=r"'.*d' is a directory; a file goes"):
+        stage.path(tmp_path / "d")
+    with Staging(overwrite=True) as stage, pytest.raises(PrunekitError, match=r"'.*f' is a file; a directory goes"):
+        stage.path(tmp_path / "f", directory=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    # the same kind is replaced
+    with Staging(overwrite=True) as stage:
+        stage.path(tmp_path / "f").write_text("new")
+        stage.path(tmp_path / "d", directory=True).mkdir()
+    assert (tmp_path / "f").read_text() == "new" and list((tmp_path / "d").iterdir()) == []
+    # a directory that appears where a file was staged, while the work ran, is not replaced either
+    with pytest.raises(PrunekitError, match="is a directory"), Staging(overwrite=True) as stage:
+        stage.path(tmp_path / "g").write_text("g")
+        (tmp_path / "g").mkdir()
+    assert (tmp_path / "g").is_dir()
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(PrunekitError, match="neither an existing file nor a saved Hugging Face dataset"):
         read_data(tmp_path / "missing.jsonl")

@@ -89,6 +89,20 @@ def test_data_output_colliding_with_input_or_output_is_refused(tmp_path, capsys,
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("flag, name", [("--report", "report"), ("--scores-out", "scores output"),
+                                        ("--out", "output")])
+def test_data_output_over_a_directory_is_refused_even_with_overwrite(tmp_path, capsys, csv_input, flag, name):
+    """--overwrite replaces a file by a file; a directory there (with its files) stays."""
+    target = tmp_path / ("kept.csv" if flag == "--out" else "out.parquet" if flag == "--scores-out" else "r.json")
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    before = tree(tmp_path)
+    assert cli(["data", "--input", str(csv_input), "--method", "random", "--keep", "0.5", "--overwrite", flag,
+                str(target)]) == 2
+    one_line(capsys, f"{name} '{target}' is a directory")
+    assert tree(tmp_path) == before
+
+
 def test_work_directory_never_overwrites_the_input(tmp_path, capsys):
     features = tmp_path / "embeddings.npy"
     np.save(features, np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))

@@ -492,7 +492,8 @@ def _run(args: argparse.Namespace) -> dict:
         with Staging(overwrite=args.overwrite) as stage:  # the model and its masks appear together or not at all
             if args.save_masks is not None:
                 api.save_masks(chosen, stage.path(args.save_masks))
-            api.save(loaded.model, loaded.tokenizer, stage.path(out), record, overwrite=args.overwrite)
+            api.save(loaded.model, loaded.tokenizer, stage.path(out, directory=True), record,
+                     overwrite=args.overwrite)
         record["output"] = str(out)
         if args.save_masks is not None:
             record["output_masks"] = str(args.save_masks)

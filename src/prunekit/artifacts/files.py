@@ -247,15 +247,25 @@ class Staging:
 
     def __init__(self, *, overwrite: bool = False) -> None:
         self.overwrite = overwrite
-        self._pending: list[tuple[Path, Path]] = []
+        self._pending: list[tuple[Path, Path, bool]] = []
 
-    def path(self, target: PathLike) -> Path:
-        """A temporary path for `target`; refuses an existing target unless overwrite."""
-        clean_stale_siblings(target)
+    def _check(self, target: PathLike, directory: bool) -> Path:
         target = check_output(target, self.overwrite)
+        # overwriting replaces a target of the same kind only: never a directory by a file, or a file by a directory
+        if directory and target.exists() and not target.is_dir():
+            raise PrunekitError(f"output '{target}' is a file; a directory goes there, so give a directory path")
+        if not directory and target.is_dir():
+            raise PrunekitError(f"output '{target}' is a directory; a file goes there, so give a file path")
+        return target
+
+    def path(self, target: PathLike, *, directory: bool = False) -> Path:
+        """A temporary path for `target`, which the caller fills with a directory if `directory`, else a file;
+        refuses an existing target unless overwrite, and one of the other kind even then."""
+        clean_stale_siblings(target)
+        target = self._check(target, directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(target, "tmp")
-        self._pending.append((tmp, target))
+        self._pending.append((tmp, target, directory))
         return tmp
 
     def __enter__(self) -> Staging:
@@ -264,9 +274,12 @@ class Staging:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         try:
             if exc_type is None:
-                for _, target in self._pending:  # something may have appeared meanwhile
-                    check_output(target, self.overwrite)
-                for tmp, target in self._pending:
+                for tmp, target, directory in self._pending:  # something may have appeared meanwhile
+                    self._check(target, directory)
+                    if tmp.is_dir() != directory:
+                        raise RuntimeError(f"staged '{tmp}' is not the {'directory' if directory else 'file'} "
+                                           f"declared for '{target}'")
+                for tmp, target, _ in self._pending:
                     if target.is_dir():
                         old = temp_sibling(target, "old")
                         target.rename(old)
@@ -275,7 +288,7 @@ class Staging:
                     else:
                         os.replace(tmp, target)
         finally:
-            for tmp, _ in self._pending:
+            for tmp, _, _ in self._pending:
                 if tmp.is_dir():
                     shutil.rmtree(tmp, ignore_errors=True)
                 elif tmp.exists():

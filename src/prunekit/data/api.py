@@ -29,7 +29,7 @@ import pyarrow.parquet
 import torch
 from torch import nn
 
-from prunekit.artifacts.files import Staging, check_distinct, check_output
+from prunekit.artifacts.files import Staging, check_distinct, check_output, check_output_file
 from prunekit.data import dynamics, selectors
 from prunekit.data.io import (
     ArrayStore,
@@ -313,9 +313,11 @@ def prune_data(
     embeddings_file = None if work_dir is None else Path(work_dir) / "embeddings.npy"
     check_distinct({"input": source}, {"output": out, "scores output": scores_out, "report": report_out,
                                        "work directory's embeddings file": embeddings_file})
-    for path in outputs.values():
+    if out is not None:
+        check_output(out, overwrite)  # a file or, for a saved Hugging Face dataset, a directory
+    for path, what, example in ((scores_out, "scores output", "scores.parquet"), (report_out, "report", "report.json")):
         if path is not None:
-            check_output(path, overwrite)
+            check_output_file(path, overwrite, what=what, example=example)
     if scores_out is not None and Path(scores_out).suffix.lower() != ".parquet":
         raise PrunekitError(f"scores output '{scores_out}' must be a .parquet file")
     text_field_given = text_field is not None
@@ -371,7 +373,7 @@ def prune_data(
     # All outputs appear together or not at all; the resources above cover reading, scoring and selection.
     with Staging(overwrite=overwrite) as stage:
         if out is not None:
-            write_table(table.take(kept), stage.path(out), out_format)
+            write_table(table.take(kept), stage.path(out, directory=out_format == "hf-disk"), out_format)
         if scores_out is not None:
             pyarrow.parquet.write_table(scores_table(table.ids, scored.scores, keep_mask, scored.groups),
                                         stage.path(scores_out))

@@ -533,7 +533,7 @@ def write_subset(
     """Write the examples of `table` at `indices` to `out` in the input's format, atomically."""
     fmt = output_format(table, out)
     with Staging(overwrite=overwrite) as stage:
-        write_table(table.take(indices), stage.path(out), fmt)
+        write_table(table.take(indices), stage.path(out, directory=fmt == "hf-disk"), fmt)
     return Path(out)
 
 
