@@ -135,34 +135,57 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> bool:
-    """Perplexity against sparsity, one curve per method with two or more sparsities; False (nothing written) when
-    no method has two yet."""
+    """Left, perplexity against unstructured sparsity, one curve per method with two or more sparsities; right, the
+    N:M patterns measured, one column of points per pattern. A base method has one colour in both panels (triangles
+    with DSnoT after it, circles without); solid lines uniform, dashed with OWL. False (nothing written) when no
+    method has two sparsities yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dense = next(r for r in rows if r["config"] == "dense")
+    by_config = {r["config"]: r for r in rows if math.isfinite(r["perplexity"])}
     fractions = [b for b in BUDGETS if ":" not in b]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    patterns = [b for b in BUDGETS if ":" in b and any(c.endswith(f":{b}") for c in by_config)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5), sharey=True,
+                                      gridspec_kw={"width_ratios": (3, 1 if patterns else 0.01)})
+    colours = plt.get_cmap("tab10")
+    bases = [*BASE, "pruner-zero"]
     drawn = False
     for method in METHODS:
+        colour = colours(bases.index(method.split("+")[0]))
+        marker = "^" if method.endswith("+dsnot") else "o"
         for allocation, style in (("uniform", "-"), ("owl", "--")):
-            points = [(float(b), r["perplexity"]) for b in fractions for r in rows
-                      if r["config"] == f"{method}:{allocation}:{b}" and math.isfinite(r["perplexity"])]
+            label = method + (" + OWL" if allocation == "owl" else "")
+            points = [(float(b), by_config[f"{method}:{allocation}:{b}"]["perplexity"]) for b in fractions
+                      if f"{method}:{allocation}:{b}" in by_config]
             if len(points) > 1:
-                xs, ys = zip(*sorted(points), strict=True)
-                ax.plot(xs, ys, style, marker="o", label=method + (" + OWL" if allocation == "owl" else ""))
+                xs, ys = zip(*points, strict=True)
+                left.plot(xs, ys, style, marker=marker, color=colour, label=label)
                 drawn = True
+            nm = [(i, by_config[f"{method}:{allocation}:{b}"]["perplexity"]) for i, b in enumerate(patterns)
+                  if f"{method}:{allocation}:{b}" in by_config]
+            if nm:
+                xs, ys = zip(*nm, strict=True)
+                right.plot(xs, ys, style if len(nm) > 1 else "", marker=marker, color=colour,
+                           label=None if len(points) > 1 else label)
     if not drawn:
         plt.close(fig)
         return False
-    ax.axhline(dense["perplexity"], color="black", linestyle=":", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("unstructured sparsity")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{title} one-shot pruning, wiki-summaries held-out")
-    ax.legend(fontsize=7, ncol=2)
+    for ax in (left, right):
+        ax.axhline(dense["perplexity"], color="black", linestyle=":", label="dense" if ax is left else None)
+    left.set_yscale("log")
+    left.set_xticks([float(b) for b in fractions], [_budget_label(b) for b in fractions])
+    left.set_xlabel("unstructured sparsity")
+    left.set_ylabel("perplexity (log scale)")
+    left.set_title(f"{title} one-shot pruning, wiki-summaries held-out")
+    right.set_xticks(range(len(patterns)), patterns)
+    right.set_xlim(-0.5, max(len(patterns), 1) - 0.5)
+    right.set_xlabel("N:M pattern")
+    handles, labels = left.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    left.legend(handles + more[0], labels + more[1], fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
