@@ -85,11 +85,15 @@ def test_nm_mask_ties_go_to_the_earlier_entries():
     assert nm_mask(scores, 2, 4).tolist() == [[True, True, False, False, False, True, True, False,
                                                 True, False, True, False]]
     assert nm_mask(scores, 1, 4).sum().item() == 3
+    # the sorting path (M > 8) breaks ties the same way: a block of dead inputs (score 0) keeps its first entries
+    wide = torch.zeros(1, 32)
+    wide[0, 20] = 1.0
+    assert nm_mask(wide, 4, 16).nonzero()[:, 1].tolist() == [0, 1, 2, 3, 16, 17, 18, 20]
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 8), (8, 16)])
 def test_nm_mask_keeps_the_n_largest_of_distinct_scores_as_topk_does(n, m):
-    """The pairwise path (M <= 8) and the topk path (larger M) both keep exactly the N largest of every group."""
+    """The pairwise path (M <= 8) and the sorting path (larger M) both keep exactly the N largest of every group."""
     scores = torch.randn(64, m * 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     groups = scores.reshape(64, 24, m)
     expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)

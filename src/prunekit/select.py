@@ -41,7 +41,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
-_PAIRWISE_MAX_M = 8  # above it, the M(M-1)/2 comparisons cost more than topk
+_PAIRWISE_MAX_M = 8  # above it, the M(M-1)/2 comparisons cost more than a sort
 
 
 def group_ranks(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -76,10 +76,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise PrunekitError(f"pattern {n}:{m} needs a width divisible by {m}, got {cols}")
-    if m > _PAIRWISE_MAX_M:
-        keep = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=scores.device)
-        keep.scatter_(-1, torch.topk(scores.reshape(rows, cols // m, m), n, dim=-1).indices, True)
-        return keep.reshape(rows, cols)
     return (group_ranks(scores, m) < n).reshape(rows, cols)
 
 
@@ -101,7 +97,7 @@ def nm_ramp_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> torch
     keep = ranks < m - whole
     if extra:
         next_out = ranks == m - whole - 1  # the entry each group would lose next
-        candidates = scores.reshape(ranks.shape).mul(next_out).sum(-1)
+        candidates = scores.reshape(ranks.shape).where(next_out, 0).sum(-1)
         losing = torch.topk(candidates, extra, dim=-1, largest=False, sorted=False).indices
         lose = torch.zeros(ranks.shape[:-1], dtype=torch.bool, device=scores.device).scatter_(-1, losing, True)
         keep &= ~(next_out & lose.unsqueeze(-1))
