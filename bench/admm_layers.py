@@ -41,7 +41,7 @@ def row_ramp_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> torc
     """The N:M ramp before stop 17: every group keeps its N best; the row's lowest other entries are removed."""
     from prunekit.select import fraction_count, nm_mask
 
-    rows, cols = scores.shape
+    cols = scores.shape[1]
     protected = nm_mask(scores, n, m)
     k = fraction_count(cols, min(sparsity, 1 - n / m))
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -52,9 +52,11 @@ def row_ramp_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> torc
 
 
 def hessians(model_name: str, layers: list[str], samples: int, seq_len: int) -> dict[str, tuple]:
-    """(weight, H) of each layer from the dense model's inputs over the calibration tokens."""
+    """(weight, H) of each layer from the dense model's inputs over the calibration tokens, gathered by the
+    pruning engine's `InputStats` (H = XᵀX / tokens)."""
     from prunekit.assets import load_causal_lm
     from prunekit.corpus import calibration_tokens
+    from prunekit.weights.stats import InputStats
 
     loaded = load_causal_lm(model_name)
     model = loaded.model
@@ -66,26 +68,15 @@ def hessians(model_name: str, layers: list[str], samples: int, seq_len: int) -> 
         if len(names) != 1:
             raise SystemExit(f"layer {layer!r} names {len(names)} modules of {model_name}")
         found[layer] = modules[names[0]]
-    sums = {layer: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for layer, m in found.items()}
-    handles = []
-    for layer, module in found.items():
-        def hook(_module, args, layer=layer):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[layer] += (x.T @ x).double()
-        handles.append(module.register_forward_pre_hook(hook))
+    stats = {layer: InputStats(m.in_features, hessian=True) for layer, m in found.items()}
+    handles = [module.register_forward_pre_hook(lambda _module, args, layer=layer: stats[layer].add(args[0]))
+               for layer, module in found.items()]
     with torch.inference_mode():
         for batch in calib.ids.split(8):
             model(input_ids=batch, use_cache=False)
     for handle in handles:
         handle.remove()
-    return {layer: (found[layer].weight.detach().float().clone(), sums[layer].float()) for layer in layers}
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.partition(':')[2].strip()} ({os.cpu_count()} cores)"
-    return f"{os.cpu_count()} cores"
+    return {layer: (found[layer].weight.detach().float().clone(), stats[layer].hessian) for layer in layers}
 
 
 def relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -107,6 +98,7 @@ def main() -> None:
 
     import prunekit.weights.admm as admm
     from prunekit.budget import parse_pattern
+    from prunekit.measure.protocol import environment
     from prunekit.select import nm_ramp_mask
 
     layers = args.layers or DEFAULT_LAYERS[args.model]
@@ -122,7 +114,7 @@ def main() -> None:
                     admm.nm_ramp_mask = ramp
                     try:
                         start = time.perf_counter()
-                        pruned, keep = admm.admm_prune(weight, hessian, sparsity=pattern.sparsity, pattern=pattern,
+                        pruned, _ = admm.admm_prune(weight, hessian, sparsity=pattern.sparsity, pattern=pattern,
                                                        ramp_dtype=dtype)
                         seconds = time.perf_counter() - start
                     finally:
@@ -133,10 +125,12 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     stem = RESULTS / f"admm_layers_{args.model}"
-    stem.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    machine = environment()
+    stem.with_suffix(".jsonl").write_text("".join(json.dumps(r | {"environment": machine}) + "\n" for r in rows))
     lines = [f"ADMM on {args.model} layers ({args.samples} x {args.seq_len} calibration tokens of wiki-summaries, "
              f"dense inputs; default rho, iterations, ramp); relative reconstruction error, solve seconds. "
-             f"{_cpu()}, {args.threads} threads.", "",
+             f"{machine['machine']} ({machine['cpu_count']} cores), {machine['torch_threads']} threads, torch "
+             f"{machine['torch']}.", "",
              "| layer | shape | pattern | rank, float32 | rank, bfloat16 | row, float32 | row, bfloat16 |",
              "|---|---|---|---:|---:|---:|---:|"]
     for layer in layers:
