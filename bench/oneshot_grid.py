@@ -38,6 +38,10 @@ MODELS = {"smollm2-135m": ("oneshot_grid", "SmolLM2-135M"), "gemma3-270m": ("one
 BUDGETS = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
 BASE = ("magnitude", "wanda", "ria", "sparsegpt", "admm")
 METHODS = BASE + ("pruner-zero",) + tuple(f"{m}+dsnot" for m in BASE)
+# OWL's default limit (0.08) moves no block by half a 2:4 step (0.125): its 2:4 masks are the uniform ones, so that
+# cell is not run again. Rows measured with the allocation before stop 19, which moved blocks a whole step whatever
+# the limit, are kept in bench/results/oneshot_grid_owl_nm_step.jsonl.
+UNIFORM_OWL = ("owl", "2:4")
 FIRST = ["sparsegpt:uniform:0.7", "admm:uniform:0.5", "admm:uniform:2:4", "admm:uniform:0.7", "admm:owl:0.7",
          "sparsegpt:owl:0.7", "sparsegpt:uniform:0.5", "sparsegpt:uniform:2:4"]
 
@@ -48,7 +52,7 @@ def configs(model: str) -> list[str]:
     if model != "smollm2-135m":
         return [f"{m}:uniform:{b}" for b in ("0.5", "2:4", "0.7") for m in ("admm", "sparsegpt")]
     order = ("0.7", "0.5", "2:4", "0.8", "0.6", "4:8")
-    grid = [f"{m}:{a}:{b}" for b in order for m in METHODS for a in ("uniform", "owl")]
+    grid = [f"{m}:{a}:{b}" for b in order for m in METHODS for a in ("uniform", "owl") if (a, b) != UNIFORM_OWL]
     return FIRST + [c for c in grid if c not in FIRST]
 
 
@@ -114,7 +118,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"model included). {args.threads} threads on {platform.processor() or platform.machine()} "
         f"({env['cpu_count']} cores), torch {env['torch']}, transformers {env['transformers']}. †: timed while other "
         f"benchmarks shared the 2 cores (marked `shared_machine` in the JSON lines by hand), so that ratio says more "
-        f"about the load than the method; the other rows ran alone. Empty cells are not measured yet. "
+        f"about the load than the method; the other rows ran alone. ‡: OWL's default limit (0.08) moves no block by "
+        f"half a 2:4 step, so its 2:4 masks are the uniform ones (checked on Wanda: the same perplexity, "
+        f"`bench/owl_nm.py`); the rows measured before stop 19, when OWL moved blocks a whole step (1:4 or 3:4) "
+        f"whatever the limit, are in "
+        f"`bench/results/oneshot_grid_owl_nm_step.jsonl`. Empty cells are not measured yet. "
         f"Regenerate: `.venv/bin/python bench/oneshot_grid.py"
         f"{'' if args.model == 'smollm2-135m' else ' --model ' + args.model}`.", "",
         "| method | " + " | ".join(_budget_label(b) for b in measured) + " |",
@@ -125,6 +133,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             cells = []
             for budget in measured:
                 row = by_config.get(f"{method}:{allocation}:{budget}")
+                if (allocation, budget) == UNIFORM_OWL and f"{method}:uniform:{budget}" in by_config:
+                    cells.append("= uniform‡")
+                    continue
                 cells.append("" if row is None else
                              f"{_ppl(row['perplexity'])} · {row['prune_s'] / forward_s(row):.1f}×"
                              f"{'†' if row.get('shared_machine') else ''} · {row['peak_rss_mb']:.0f}")

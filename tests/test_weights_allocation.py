@@ -6,7 +6,7 @@ import torch
 
 import prunekit
 from prunekit.adapters import adapter_for
-from prunekit.allocation import allocate, ecoflap_sparsities, owl_nm_patterns
+from prunekit.allocation import allocate, ecoflap_sparsities, owl_nm_patterns, owl_sparsities
 from prunekit.budget import Pattern
 from prunekit.errors import PrunekitError
 from prunekit.select import fraction_count
@@ -19,20 +19,33 @@ from tiny_models import tiny_causal_lm
 CPU = torch.device("cpu")
 
 
+RATIOS = torch.rand(30, generator=torch.Generator().manual_seed(0)).tolist()
+
+
 @pytest.mark.parametrize("pattern, limit, family", [
-    (Pattern(2, 4), 0.08, {1, 2, 3}), (Pattern(4, 8), 0.08, {3, 4, 5}), (Pattern(4, 8), 0.25, {2, 3, 4, 5, 6}),
-    (Pattern(1, 4), 0.08, {1}), (Pattern(6, 8), 0.25, {5, 6, 7}),
+    (Pattern(4, 8), 0.08, {3, 4, 5}), (Pattern(2, 4), 0.25, {1, 2, 3}), (Pattern(4, 8), 0.25, {2, 3, 4, 5, 6}),
+    (Pattern(6, 8), 0.25, {4, 5, 6, 7}),
 ])
 def test_owl_nm_patterns_keep_the_mean_exactly_within_the_family(pattern, limit, family):
-    ratios = torch.rand(30, generator=torch.Generator().manual_seed(0)).tolist()
-    patterns = owl_nm_patterns(ratios, pattern, limit)
+    patterns = owl_nm_patterns(RATIOS, pattern, limit)
     assert all(p.m == pattern.m for p in patterns)
     assert {p.n for p in patterns} <= family
     assert len({p.n for p in patterns}) == len(family)  # the whole family is used (the test can fail)
-    assert sum(p.n for p in patterns) == pattern.n * len(ratios)
+    assert sum(p.n for p in patterns) == pattern.n * len(RATIOS)
     # more outliers keep more weights
-    order = sorted(range(len(ratios)), key=ratios.__getitem__)
+    order = sorted(range(len(RATIOS)), key=RATIOS.__getitem__)
     assert all(patterns[a].n <= patterns[b].n for a, b in zip(order, order[1:], strict=False))
+    # each block's pattern is OWL's own block sparsity on the grid of whole N, within one step of it
+    moves = [s - 0.5 for s in owl_sparsities(RATIOS, 0.5, limit)]
+    owl = [min(max(pattern.sparsity + move, 1 / pattern.m), 1 - 1 / pattern.m) for move in moves]
+    assert all(abs(p.sparsity - s) <= 1 / pattern.m for p, s in zip(patterns, owl, strict=True))
+
+
+@pytest.mark.parametrize("pattern", [Pattern(2, 4), Pattern(1, 4)], ids=str)
+def test_owl_nm_patterns_stay_uniform_and_warn_when_the_limit_is_under_half_a_step(pattern):
+    """The default limit 0.08 moves no block by half of a 2:4 step (0.125): no block is forced a whole step away."""
+    with pytest.warns(UserWarning, match="never reach half a step"):
+        assert owl_nm_patterns(RATIOS, pattern, 0.08) == [pattern] * len(RATIOS)
 
 
 def test_owl_nm_patterns_refuse_unequal_blocks_and_unstructured():
@@ -56,7 +69,7 @@ def test_owl_nm_plan_prunes_every_block_to_its_own_valid_pattern(pattern):
     def inputs():
         return capture_block_inputs(model, blocks, _calibration(), batch_size=4, device=CPU, activation_device=CPU)
 
-    plan = owl_plan(model, adapter, inputs(), sparsity=pattern.sparsity, threshold=5.0, limit=0.08, device=CPU,
+    plan = owl_plan(model, adapter, inputs(), sparsity=pattern.sparsity, threshold=5.0, limit=0.25, device=CPU,
                     progress=False, pattern=pattern)
     assert len({p.n for p in plan.patterns}) > 1
     masks = prune_sequentially(model, adapter, METHODS["wanda"], sparsities=plan.sparsities, pattern=plan.patterns,

@@ -28,8 +28,8 @@ def test_pruner_zero_through_prune_is_exact_and_leaves_no_gradients():
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_owl_with_nm_through_prune(pattern):
     model = tiny_causal_lm("llama", layers=6)
-    record = prunekit.prune(model, method="wanda", pattern=pattern, allocation="owl", calibration=_calibration(),
-                            progress=False)
+    record = prunekit.prune(model, method="wanda", pattern=pattern, allocation="owl", owl_limit=0.25,
+                            calibration=_calibration(), progress=False)
     patterns = record["method"]["owl_block_patterns"]
     assert len(set(patterns)) > 1
     assert record["metrics"]["sparsity"]["achieved"] == 0.5
@@ -37,6 +37,20 @@ def test_owl_with_nm_through_prune(pattern):
     for name, weight in prunekit.target_weights(model).items():
         n, m = n_m[int(name.split(".")[2])]
         assert ((weight != 0).reshape(weight.shape[0], -1, m).sum(-1) <= n).all(), name
+
+
+def test_owl_with_2_4_at_the_default_limit_warns_and_prunes_as_uniform_does():
+    def pruned(allocation):
+        model = tiny_causal_lm("llama", layers=6)
+        record = prunekit.prune(model, method="wanda", pattern="2:4", allocation=allocation,
+                                calibration=_calibration(), progress=False)
+        return record, prunekit.target_weights(model)
+
+    with pytest.warns(UserWarning, match="every block keeps 2:4"):
+        record, owl = pruned("owl")
+    assert record["method"]["owl_block_patterns"] == ["2:4"] * 6
+    _, uniform = pruned("uniform")
+    assert all(torch.equal(owl[name], uniform[name]) for name in uniform)
 
 
 def test_ecoflap_through_prune_meets_the_mean():
