@@ -171,7 +171,7 @@ def owl_nm_patterns(outlier_ratios: Sequence[float], pattern: Pattern, limit: fl
     ratios = list(outlier_ratios)
     low, high = min(1, n), max(m - 1, n)
     exact = np.clip(n - m * _owl_offsets(ratios, limit, sizes), low, high)
-    counts = np.clip(np.round(exact), low, high).astype(np.int64)
+    counts = np.round(exact).astype(np.int64)  # exact lies in [low, high], whole bounds: so do the counts
     # whole units still missing (or in excess) go to the largest (leave the smallest) remainders, within 1 .. M - 1
     missing = len(ratios) * n - int(counts.sum())
     while missing:
