@@ -5,7 +5,7 @@ seed 0; perplexity on the first 64 non-overlapping 512-token windows of its held
 each configuration runs in a fresh process (`bench/llm_oneshot.py --one`), so that its peak memory is its own, and its
 pruning time is a ratio to one dense forward over the calibration set timed in that same process just before pruning.
 
-    nice -n 10 .venv/bin/python bench/oneshot_grid.py              # resumes; the whole grid is about 130 runs
+    nice -n 10 .venv/bin/python bench/oneshot_grid.py              # resumes; the whole grid is 121 runs
     .venv/bin/python bench/oneshot_grid.py --only admm:uniform:0.7 sparsegpt:owl:0.7
     nice -n 10 .venv/bin/python bench/oneshot_grid.py --model gemma3-270m   # the best two methods on Gemma 3
     .venv/bin/python bench/oneshot_grid.py --table
